@@ -1,0 +1,1 @@
+"""Data pipeline: jsonl -> examples -> tokenised (cached) -> alignment (cached) -> padded batches."""

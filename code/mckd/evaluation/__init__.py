@@ -1,0 +1,1 @@
+"""Generation-based evaluation (ROUGE-L) and results tables."""

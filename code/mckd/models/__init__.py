@@ -1,0 +1,1 @@
+"""Model and tokenizer loading, per-family access to embeddings and output heads, projectors."""

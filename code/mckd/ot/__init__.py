@@ -1,0 +1,1 @@
+"""Batched optimal transport (log-domain Sinkhorn) and cost matrices."""

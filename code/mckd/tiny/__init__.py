@@ -1,0 +1,1 @@
+"""The embedded default: generated dataset, trained tokenizers and tiny models, all local."""

@@ -1,0 +1,1 @@
+"""Training loop, optimisation, engines (plain torch, DDP, DeepSpeed) and checkpoints."""
