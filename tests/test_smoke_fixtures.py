@@ -1,0 +1,23 @@
+from transformers import AutoModelForCausalLM
+
+from mckd.evaluation.metrics import compute_metrics
+from mckd.models.tokenizers import load_tokenizer
+
+
+def test_tiny_models_load_with_real_tokenizers(tiny_models):
+    for name in ("gpt2", "qwen"):
+        path = tiny_models(name)
+        tok = load_tokenizer(str(path))
+        model = AutoModelForCausalLM.from_pretrained(path)
+        assert model.config.vocab_size >= len(tok) - 3  # real vocabulary kept
+        assert tok.pad_token_id == tok.eos_token_id
+
+
+def test_rouge_l_hand_checked():
+    # identical -> 100; disjoint -> 0; max over references; stemming makes "cats" match "cat"
+    assert compute_metrics(["the cat sat"], [["the cat sat"]])["rougeL"] == 100.0
+    assert compute_metrics(["dog"], [["the cat sat"]])["rougeL"] == 0.0
+    assert compute_metrics(["cats"], [["dog", "cat"]])["rougeL"] == 100.0
+    # LCS "a c" of pred "a b c" (3) vs ref "a c" (2): P=2/3, R=1, F=0.8
+    assert abs(compute_metrics(["a b c"], [["a c"]])["rougeL"] - 80.0) < 1e-6
+    assert compute_metrics([""], [["anything"]])["rougeL"] == 0.0
