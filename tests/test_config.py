@@ -1,0 +1,134 @@
+"""Command line -> typed configuration: flags, validation, compatibility, derived values."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+import test_train_support  # noqa: F401  (registers the stand-in criteria)
+from mckd.config import (ConfigError, build_parser, finalize, parse_config, write_args_json)
+
+
+def _argv(tmp_path, *extra, data=True):
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text("{}")
+    d = tmp_path / "data"
+    if data:
+        test_train_support.write_data(d, 4, 2)
+    return ["--model-path", str(model), "--data-dir", str(d), "--save-dir", str(tmp_path / "out"),
+            "--lr", "5e-4", "--criterion", "test_ce", *extra]
+
+
+def test_sections_and_published_names(tmp_path):
+    cfg = parse_config(_argv(tmp_path, "--batch-size", "4", "--gradient-accumulation-steps", "2",
+                             "--lr-decay-style", "linear", "--warmup-iters", "3", "--kd-rate", "0.7",
+                             "--peft", "lora", "--peft-lora-r", "8", "--peft-target-modules", "c_attn"))
+    assert cfg.train.batch_size == 4 and cfg.train.gradient_accumulation_steps == 2
+    assert cfg.train.lr_decay_style == "linear" and cfg.train.warmup_iters == 3
+    assert cfg.peft.peft == "lora" and cfg.peft.peft_lora_r == 8
+    assert cfg.criterion_args["kd_rate"] == 0.7  # shared KD flags live with the criteria
+    ns = cfg.namespace()
+    assert ns.kd_rate == 0.7 and ns.batch_size == 4 and ns.effective_batch_size == 8
+    assert cfg.train.precision == "fp32" and cfg.derived["student_load_dtype"] == "fp32"
+
+
+def test_every_flag_has_one_owner():
+    parser = build_parser()
+    seen = [s for a in parser._actions for s in a.option_strings]
+    assert len(seen) == len(set(seen))
+    for flag in ("--model-path", "--teacher-model-path", "--save-interval", "--eval-interval",
+                 "--interval-unit", "--precision", "--deepspeed", "--deepspeed_config", "--resume",
+                 "--overwrite", "--nan-patience", "--eval-gen-num", "--dev-num", "--max-steps",
+                 "--peft-path", "--teacher-peft-path", "--ddp-backend", "--num-workers",
+                 "--keep-best-n-checkpoints", "--gradient-checkpointing", "--local_rank"):
+        assert flag in seen, flag
+
+
+def test_unknown_flag_suggests(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean '--lr-decay-style'"):
+        parse_config(_argv(tmp_path, "--lr-decay-stlye", "cosine"))
+    with pytest.raises(ConfigError, match="--ce_weight"):
+        parse_config(_argv(tmp_path, "--ce_weight", "1.0"))
+
+
+def test_no_abbreviations(tmp_path):
+    with pytest.raises(ConfigError):
+        parse_config(_argv(tmp_path, "--batch", "4"))
+
+
+@pytest.mark.parametrize("extra,flag", [
+    (("--batch-size", "0"), "--batch-size"),
+    (("--gradient-accumulation-steps", "-1"), "--gradient-accumulation-steps"),
+    (("--max-prompt-length", "600", "--max-length", "512"), "--max-prompt-length"),
+    (("--lr-decay-style", "noam"), "--lr-decay-style"),
+    (("--precision", "fp8"), "--precision"),
+    (("--resume", "--overwrite"), "--resume"),
+    (("--criterion", "test_cee"), "(?i)did you mean 'test_ce'"),
+    (("--criterion", "test_kd"), "--teacher-model-path"),
+    (("--deepspeed",), "--deepspeed"),
+    (("--peft-path", "/nonexistent"), "--peft-path"),
+    (("--load", "x"), "--load is no longer supported"),
+    (("--model-parallel",), "--model-parallel"),
+])
+def test_bad_values_name_the_flag(tmp_path, extra, flag):
+    with pytest.raises(ConfigError, match=flag):
+        parse_config(_argv(tmp_path, *extra))
+
+
+def test_missing_paths(tmp_path):
+    with pytest.raises(ConfigError, match="--data-dir"):
+        parse_config(_argv(tmp_path, data=False))
+    argv = _argv(tmp_path)
+    argv[1] = str(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="--model-path"):
+        parse_config(argv)
+    with pytest.raises(ConfigError, match="--deepspeed_config"):
+        parse_config(_argv(tmp_path, "--deepspeed", "--deepspeed_config", str(tmp_path / "x.json")))
+
+
+def test_deprecated_flags_warn_but_run(tmp_path):
+    with pytest.warns(DeprecationWarning, match="--teacher-model-fp16"):
+        parse_config(_argv(tmp_path, "--teacher-model-fp16", "--ckpt-name", "x"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parse_config(_argv(tmp_path, "--do-train", "--do-valid", "--json-data"))  # silent
+
+
+def test_precision_follows_deepspeed_json_unless_given(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
+    cfg = parse_config(_argv(tmp_path, "--deepspeed", "--deepspeed_config", str(ds)))
+    assert cfg.train.precision == "bf16" and cfg.derived["zero_stage"] == 2
+    assert cfg.derived["student_load_dtype"] == "bf16"  # loaded once in the training dtype (D11)
+    cfg = parse_config(_argv(tmp_path, "--deepspeed", "--deepspeed_config", str(ds), "--precision", "fp32"))
+    assert cfg.train.precision == "fp32"
+    cfg = parse_config(_argv(tmp_path, "--precision", "bf16"))  # plain torch: fp32 master + autocast
+    assert cfg.derived["student_load_dtype"] == "fp32" and cfg.derived["teacher_load_dtype"] == "bf16"
+
+
+def test_finalize_derives_steps(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = parse_config(_argv(tmp_path, "--batch-size", "4", "--gradient-accumulation-steps", "2",
+                             "--num-epochs", "3"))
+    finalize(cfg, n_train=100)  # 100 // (4*2*2) = 6 steps per epoch
+    assert cfg.derived["iters_per_epoch"] == 6 and cfg.derived["total_steps"] == 18
+    cfg = parse_config(_argv(tmp_path, "--batch-size", "4", "--total-iters", "13"))
+    finalize(cfg, n_train=100)  # 100 // 8 = 12 per epoch -> 2 epochs
+    assert cfg.derived["num_epochs"] == 2 and cfg.derived["total_steps"] == 13
+    with pytest.raises(ConfigError, match="--num-epochs"):
+        finalize(parse_config(_argv(tmp_path)), n_train=100)
+    with pytest.raises(ConfigError, match="fewer than one optimizer step"):
+        finalize(parse_config(_argv(tmp_path, "--batch-size", "64", "--num-epochs", "1")), n_train=100)
+
+
+def test_args_json_is_complete(tmp_path):
+    cfg = parse_config(_argv(tmp_path, "--num-epochs", "2", "--batch-size", "2"))
+    finalize(cfg, n_train=10)
+    write_args_json(cfg, tmp_path / "args.json")
+    out = json.loads((tmp_path / "args.json").read_text())
+    assert out["train"]["lr"] == 5e-4 and out["derived"]["total_steps"] == 10
+    assert {"world_size", "effective_batch_size", "compute_dtype", "iters_per_epoch",
+            "git_commit"} <= set(out["derived"])
+    assert out["criterion_args"]["kd_temperature"] == 1.0

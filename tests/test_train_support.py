@@ -1,0 +1,86 @@
+"""Stand-in criteria and small helpers for the training tests (no tests here).
+
+The stand-ins are registered under test-only names so they never clash with the real criteria;
+they follow the Criterion contract exactly (token-summed loss, token count, token-sum metrics).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mckd.criteria.base import Criterion, CriterionOutput, get_criterion_class, register_criterion
+
+
+def _ce_sum(logits, labels):
+    mask = labels != -100
+    nll = F.cross_entropy(logits.float().flatten(0, 1), labels.clamp_min(0).flatten(), reduction="none")
+    nll = nll.view_as(labels) * mask
+    return nll.sum(), mask.sum()
+
+
+def _register(name, cls):
+    try:
+        return get_criterion_class(name)
+    except KeyError:
+        return register_criterion(name)(cls)
+
+
+class StandInCE(Criterion):
+    """Token-summed cross entropy."""
+
+    def forward(self, batch, student, teacher):
+        loss, n = _ce_sum(student.logits, batch["labels"])
+        acc = ((student.logits.argmax(-1) == batch["labels"]) & (batch["labels"] != -100)).sum()
+        return CriterionOutput(loss, n, {"nll_loss": loss.detach(), "accuracy": acc.float()})
+
+
+class StandInKD(Criterion):
+    """CE + forward KL to a same-vocabulary teacher, with a trainable scalar and a rule buffer."""
+
+    needs_teacher = True
+    needs_hidden = True
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(2, 2)  # a trainable part, to exercise the projector group
+        self.register_buffer("updates", torch.zeros(()))
+
+    @classmethod
+    def from_args(cls, args, dims, resources):
+        return cls()
+
+    def forward(self, batch, student, teacher):
+        ce, n = _ce_sum(student.logits, batch["labels"])
+        mask = batch["labels"] != -100
+        v = min(student.logits.shape[-1], teacher.logits.shape[-1])
+        t = teacher.logits[..., :v].float().log_softmax(-1)
+        s = student.logits[..., :v].float().log_softmax(-1)
+        kl = (t.exp() * (t - s)).sum(-1) * mask
+        reg = self.proj.weight.sum() * 0.0 + (self.proj.bias ** 2).sum() * 1e-3 * n
+        loss = ce + 0.5 * kl.sum() + reg
+        return CriterionOutput(loss, n, {"kd_loss": kl.sum().detach(), "stat/hidden_norm":
+                                         student.hidden.float().norm(dim=-1).mean().detach()})
+
+    def after_optimizer_step(self, all_reduce_mean):
+        self.updates += 1
+        return {"updates": float(self.updates)}
+
+
+_register("test_ce", StandInCE)
+_register("test_kd", StandInKD)
+
+
+def write_data(d: Path, n_train: int = 24, n_dev: int = 6) -> Path:
+    """A tiny jsonl dataset in the published schema."""
+    d.mkdir(parents=True, exist_ok=True)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        with open(d / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                instr = f"List {1 + i % 4} words starting from {words[i % 8]}."
+                out = " ".join(words[(i + k) % 8] for k in range(1 + i % 4))
+                f.write(json.dumps({"instruction": instr, "input": "", "output": out}) + "\n")
+    return d
