@@ -110,15 +110,29 @@ def encode_prompt(tokenizer, prompt: str, max_prompt_length: int) -> list[int]:
     prompts (spec 3.2/14.2.13). Here the text before the marker is truncated from the right
     (dropping the end of the instruction/input) and the marker tail is kept whole.
     """
-    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    return encode_prompt_with_offsets(tokenizer, prompt, max_prompt_length)[0]
+
+
+def _encode(tokenizer, text: str, shift: int = 0) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of ``text`` (no special tokens) and their character spans, shifted by ``shift``."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [(s + shift, e + shift) for s, e in enc["offset_mapping"]]
+
+
+def encode_prompt_with_offsets(tokenizer, prompt: str, max_prompt_length: int
+                               ) -> tuple[list[int], list[tuple[int, int]]]:
+    """:func:`encode_prompt` plus the character span ``[start, end)`` of every kept token in
+    ``prompt`` (needs a fast tokenizer). The ids are exactly those of :func:`encode_prompt`."""
+    ids, offs = _encode(tokenizer, prompt)
     if len(ids) <= max_prompt_length:
-        return ids
+        return ids, offs
     cut = prompt.rfind(RESPONSE_MARKER)
     if cut <= 0:
-        return ids[:max_prompt_length]
+        return ids[:max_prompt_length], offs[:max_prompt_length]
     head, tail = prompt[:cut], prompt[cut:]
-    tail_ids = tokenizer.encode(tail, add_special_tokens=False)
+    tail_ids, tail_offs = _encode(tokenizer, tail, shift=cut)
     if len(tail_ids) >= max_prompt_length:
-        return tail_ids[-max_prompt_length:]
-    head_ids = tokenizer.encode(head, add_special_tokens=False)
-    return head_ids[: max_prompt_length - len(tail_ids)] + tail_ids
+        return tail_ids[-max_prompt_length:], tail_offs[-max_prompt_length:]
+    keep = max_prompt_length - len(tail_ids)
+    head_ids, head_offs = _encode(tokenizer, head)
+    return head_ids[:keep] + tail_ids, head_offs[:keep] + tail_offs
