@@ -1,0 +1,236 @@
+"""Per-token divergences between a student and a teacher distribution over one vocabulary.
+
+Every function takes logits and returns one value per position; masking and reduction are the
+caller's (:func:`mckd.criteria.common.masked_sum`). Shared conventions (spec section 6.1):
+
+* ``p = softmax(z_s / tau)`` is the student, ``q = softmax(z_t / (tau * tau_t))`` the teacher
+  (``tau_t`` = ``teacher_temperature``, 1 except in the DSKD-CMA teacher-to-student term).
+* log-softmax is computed in fp32 whatever the input dtype.
+* Entries of the vocabulary sum where either logit is +-inf contribute 0 (the published code
+  zeroed entries with an infinite student logit in FKL and either logit in RKL; for a teacher
+  logit of -inf, q = 0 and 0 is also the exact value of ``0 log 0``).
+* ``tau_squared=True`` multiplies the value by ``tau**2`` (Hinton et al.), which keeps gradient
+  magnitudes independent of tau; off by default, as in the published code.
+
+Shapes: ``student_logits`` (B, T, V), ``teacher_logits`` (B, T, V) -> (B, T) fp32. Any number of
+leading dimensions works; the vocabulary is the last.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import math
+from typing import Callable, Protocol
+
+import torch
+
+from mckd.criteria.common import upcast
+
+AKL_TOP_K = 64  # candidate head size for adaptive_kl before falling back to a full sort
+
+
+class Divergence(Protocol):
+    def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+                 temperature: float = 1.0, teacher_temperature: float = 1.0,
+                 tau_squared: bool = False) -> torch.Tensor: ...
+
+
+def _log_probs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+               teacher_temperature: float, name: str):
+    """fp32 log-softmax of both sides plus the mask of finite entries."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"{name}: student and teacher logits must have the same shape "
+                         f"(same vocabulary), got {tuple(student_logits.shape)} and "
+                         f"{tuple(teacher_logits.shape)}")
+    if temperature <= 0 or teacher_temperature <= 0:
+        raise ValueError(f"{name}: temperatures must be > 0, got temperature={temperature}, "
+                         f"teacher_temperature={teacher_temperature}")
+    zs = upcast(student_logits) / temperature
+    zt = upcast(teacher_logits) / (temperature * teacher_temperature)
+    finite = torch.isfinite(zs + zt)  # False where either logit is +-inf (or NaN)
+    # Dropped entries get log-prob 0 so that no -inf - -inf (NaN) reaches values or gradients;
+    # their terms are then zeroed by ``finite``.
+    zero = zs.new_zeros(())
+    lp = torch.where(finite, torch.log_softmax(zs, dim=-1), zero)
+    lq = torch.where(finite, torch.log_softmax(zt, dim=-1), zero)
+    return lp, lq, finite
+
+
+def _kl_terms(a: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor,
+              finite: torch.Tensor) -> torch.Tensor:
+    """sum_v a * (log a - log b) over the last axis, with non-finite entries set to 0."""
+    term = a * (log_a - log_b)
+    return torch.where(finite, term, torch.zeros((), dtype=term.dtype, device=term.device)).sum(-1)
+
+
+def _scale(value: torch.Tensor, temperature: float, tau_squared: bool) -> torch.Tensor:
+    return value * (temperature ** 2) if tau_squared else value
+
+
+def forward_kl(student_logits, teacher_logits, *, temperature=1.0, teacher_temperature=1.0,
+               tau_squared=False):
+    """KL(q || p) = sum_v q (log q - log p). Returns (B, T)."""
+    lp, lq, fin = _log_probs(student_logits, teacher_logits, temperature, teacher_temperature,
+                             "forward_kl")
+    return _scale(_kl_terms(lq.exp(), lq, lp, fin), temperature, tau_squared)
+
+
+def reverse_kl(student_logits, teacher_logits, *, temperature=1.0, teacher_temperature=1.0,
+               tau_squared=False):
+    """KL(p || q) = sum_v p (log p - log q). Returns (B, T)."""
+    lp, lq, fin = _log_probs(student_logits, teacher_logits, temperature, teacher_temperature,
+                             "reverse_kl")
+    return _scale(_kl_terms(lp.exp(), lp, lq, fin), temperature, tau_squared)
+
+
+def js_divergence(student_logits, teacher_logits, *, temperature=1.0, teacher_temperature=1.0,
+                  tau_squared=False):
+    """Jensen-Shannon: 0.5 KL(q || m) + 0.5 KL(p || m), m = (p + q) / 2. Returns (B, T).
+
+    ``log m`` is computed exactly as ``logaddexp(log p, log q) - log 2`` (the published code
+    used ``log(x + 1e-9)``; the difference is below 1e-9 per vocabulary entry).
+    """
+    lp, lq, fin = _log_probs(student_logits, teacher_logits, temperature, teacher_temperature,
+                             "js_divergence")
+    lm = torch.logaddexp(lp, lq) - math.log(2.0)
+    value = 0.5 * _kl_terms(lq.exp(), lq, lm, fin) + 0.5 * _kl_terms(lp.exp(), lp, lm, fin)
+    return _scale(value, temperature, tau_squared)
+
+
+def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """log(w a + (1 - w) b) computed stably from log a and log b."""
+    if not 0.0 <= weight_a <= 1.0:
+        raise ValueError(f"skew lambda must be in [0, 1], got {weight_a}")
+    if weight_a == 0.0:
+        return log_b
+    if weight_a == 1.0:
+        return log_a
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+
+
+def skewed_forward_kl(student_logits, teacher_logits, *, skew_lambda=0.1, temperature=1.0,
+                      teacher_temperature=1.0, tau_squared=False):
+    """KL(q || l q + (1 - l) p), l = ``skew_lambda``. Returns (B, T)."""
+    lp, lq, fin = _log_probs(student_logits, teacher_logits, temperature, teacher_temperature,
+                             "skewed_forward_kl")
+    lm = _log_mix(lq, lp, skew_lambda)
+    return _scale(_kl_terms(lq.exp(), lq, lm, fin), temperature, tau_squared)
+
+
+def skewed_reverse_kl(student_logits, teacher_logits, *, skew_lambda=0.1, temperature=1.0,
+                      teacher_temperature=1.0, tau_squared=False):
+    """KL(p || (1 - l) q + l p), l = ``skew_lambda``. Returns (B, T)."""
+    lp, lq, fin = _log_probs(student_logits, teacher_logits, temperature, teacher_temperature,
+                             "skewed_reverse_kl")
+    lm = _log_mix(lp, lq, skew_lambda)
+    return _scale(_kl_terms(lp.exp(), lp, lm, fin), temperature, tau_squared)
+
+
+def tvd(student_logits, teacher_logits, *, temperature=1.0, teacher_temperature=1.0,
+        tau_squared=False):
+    """Total variation distance 0.5 * sum_v |p - q| (not in the published code). Returns (B, T)."""
+    lp, lq, fin = _log_probs(student_logits, teacher_logits, temperature, teacher_temperature,
+                             "tvd")
+    diff = (lp.exp() - lq.exp()).abs()
+    value = 0.5 * torch.where(fin, diff, diff.new_zeros(())).sum(-1)
+    return _scale(value, temperature, tau_squared)
+
+
+@torch.no_grad()
+def adaptive_kl_weights(p: torch.Tensor, q: torch.Tensor, alpha: float,
+                        top_k: int = AKL_TOP_K) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head/tail gaps of Adaptive KL (Wu et al. 2024), without sorting the whole vocabulary.
+
+    Published definition: sort q ascending, ``c`` = cumulative sum, tail = {c <= alpha}, head =
+    the rest; ``g_head = sum_head |q - p|`` and ``g_tail = sum_tail |q - p|``. Seen from the top,
+    an entry with exclusive descending cumsum ``S`` has ``c = sum(q) - S``, so the head is exactly
+    the largest entries with ``S < sum(q) - alpha``: a prefix of the descending order. We take
+    ``topk(q, K)``; when the top-K mass reaches ``sum(q) - alpha`` (the K+1-th entry is already
+    tail) the head is inside it and ``g_tail = sum_v |q - p| - g_head``. Only rows whose head is
+    longer than K (a flat teacher) are fully sorted (costs one host synchronisation per call).
+    Ties in q are ordered arbitrarily, as by ``torch.sort`` in the published code.
+
+    Args:
+        p: (..., V) student probabilities (0 on dropped entries).
+        q: (..., V) teacher probabilities (0 on dropped entries).
+        alpha: tail mass threshold.
+        top_k: K.
+
+    Returns:
+        ``(g_head, g_tail)``, each (...).
+    """
+    V = q.shape[-1]
+    gap = (q - p).abs()
+    g_total = gap.sum(-1)
+    total = q.sum(-1, keepdim=True)
+    k = min(V, top_k)
+    qk, idx = q.topk(k, dim=-1)                                  # (..., K) descending
+    excl = qk.cumsum(-1) - qk
+    head = excl < (total - alpha)
+    g_head = (gap.gather(-1, idx) * head).sum(-1)
+    covered = (qk.sum(-1, keepdim=True) >= total - alpha).squeeze(-1) | (k == V)
+    if not bool(covered.all()):
+        rows = ~covered
+        qs, order = q[rows].sort(dim=-1, descending=True)        # (R, V)
+        tot = total[rows]
+        head_full = (qs.cumsum(-1) - qs) < (tot - alpha)
+        g_head = g_head.clone()
+        g_head[rows] = (gap[rows].gather(-1, order) * head_full).sum(-1)
+    return g_head, g_total - g_head
+
+
+def adaptive_kl(student_logits, teacher_logits, *, alpha=0.5, temperature=1.0,
+                teacher_temperature=1.0, tau_squared=False):
+    """Adaptive KL: ``(g_head FKL + g_tail RKL) / (g_head + g_tail)`` per token, the weights
+    detached (see :func:`adaptive_kl_weights`). Returns (B, T)."""
+    lp, lq, fin = _log_probs(student_logits, teacher_logits, temperature, teacher_temperature,
+                             "adaptive_kl")
+    zero = lp.new_zeros(())
+    p, q = torch.where(fin, lp.exp(), zero), torch.where(fin, lq.exp(), zero)
+    fkl = _kl_terms(q, lq, lp, fin)
+    rkl = _kl_terms(p, lp, lq, fin)
+    g_head, g_tail = adaptive_kl_weights(p.detach(), q.detach(), alpha)
+    denom = g_head + g_tail
+    # identical distributions: both gaps are 0, both KLs are 0; avoid 0/0
+    denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+    value = (g_head / denom) * fkl + (g_tail / denom) * rkl
+    return _scale(value, temperature, tau_squared)
+
+
+_DIVERGENCES: dict[str, Callable] = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "js_divergence": js_divergence,
+    "skewed_forward_kl": skewed_forward_kl,
+    "skewed_reverse_kl": skewed_reverse_kl,
+    "adaptive_kl": adaptive_kl,
+    "tvd": tvd,
+}
+
+
+def known_divergences() -> list[str]:
+    return sorted(_DIVERGENCES)
+
+
+def get_divergence(name: str, *, adaptive_kl_alpha: float = 0.5,
+                   skew_lambda: float = 0.1) -> Divergence:
+    """The divergence called ``name`` (``--kd-objective``), its own parameter bound.
+
+    Returns:
+        ``f(student_logits, teacher_logits, *, temperature=1.0, teacher_temperature=1.0,
+        tau_squared=False) -> (B, T)``.
+
+    Raises:
+        KeyError: unknown name, with a did-you-mean suggestion and the known names.
+    """
+    if name not in _DIVERGENCES:
+        close = difflib.get_close_matches(name, known_divergences(), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise KeyError(f"--kd-objective: unknown divergence {name!r}.{hint} "
+                       f"Known: {', '.join(known_divergences())}")
+    fn = _DIVERGENCES[name]
+    if name == "adaptive_kl":
+        return functools.partial(fn, alpha=adaptive_kl_alpha)
+    if name.startswith("skewed_"):
+        return functools.partial(fn, skew_lambda=skew_lambda)
+    return fn
