@@ -1,0 +1,185 @@
+"""MinED vocabulary-map builder: notation handling, tie rule, files, and agreement with the
+published maps in ../shared/reference/vocab_alignment."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import hub_path, shared_path
+from mckd.data import vocab_map as vm
+
+PAIRS = {
+    "qwen_to_gpt2": ("qwen", "gpt2"),
+    "mistral_to_tinyllama": ("mistral", "tinyllama"),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    from mckd.models.tokenizers import load_tokenizer
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = load_tokenizer(str(hub_path(name)), what=name)
+        return cache[name]
+
+    return get
+
+
+def reference_map(pair: str) -> list[int]:
+    return vm.load_vocab_map(shared_path("reference", "vocab_alignment", pair, "tea2stu_id_mapping.json"))
+
+
+# --------------------------------------------------------------------------- notation
+def test_byte_alphabet_is_a_bijection_with_gpt2_conventions():
+    table = vm.byte_to_unicode()
+    assert len(set(table.values())) == 256
+    assert table[ord(" ")] == "Ġ" and table[ord("\n")] == "Ċ" and table[ord("A")] == "A"
+    assert all(len(c) == 1 and c.isprintable() for c in table.values())
+
+
+def test_vocabulary_style_is_read_from_the_vocabulary(tokenizers):
+    assert vm.vocabulary_style(vm.vocabulary_tokens(tokenizers("gpt2"))) == vm.BYTE_LEVEL
+    assert vm.vocabulary_style(vm.vocabulary_tokens(tokenizers("qwen"))) == vm.BYTE_LEVEL
+    assert vm.vocabulary_style(vm.vocabulary_tokens(tokenizers("mistral"))) == vm.SENTENCEPIECE
+    assert vm.vocabulary_style(["a", "b", "ab"]) == vm.PLAIN
+    # the class name plays no role: a made-up SentencePiece-like list is recognised
+    assert vm.vocabulary_style(["▁the", "▁a", "x", "▁of"]) == vm.SENTENCEPIECE
+
+
+@pytest.mark.parametrize("token,expected", [
+    ("▁hello", "Ġhello"),
+    ("<0x0A>", "Ċ"),
+    ("▁▁", "ĠĠ"),
+    ("é", "Ã©"),                  # UTF-8 bytes C3 A9 in byte-level characters
+])
+def test_sentencepiece_to_byte_level(token, expected):
+    assert vm.to_student_notation(token, vm.SENTENCEPIECE, vm.BYTE_LEVEL) == expected
+
+
+@pytest.mark.parametrize("token,expected", [
+    ("Ġhello", "▁hello"),
+    ("Ċ", "\n"),
+    ("Ã©", "é"),
+    ("ä¸", "<0xE4><0xB8>"),       # a piece of a multi-byte character: byte tokens
+    ("<|im_start|>", "<|im_start|>"),  # added token with characters outside the byte alphabet
+])
+def test_byte_level_to_sentencepiece(token, expected):
+    assert vm.to_student_notation(token, vm.BYTE_LEVEL, vm.SENTENCEPIECE) == expected
+
+
+def test_same_notation_leaves_strings_alone():
+    for style in (vm.BYTE_LEVEL, vm.SENTENCEPIECE, vm.PLAIN):
+        assert vm.to_student_notation("Ġx▁y", style, style) == "Ġx▁y"
+
+
+def test_cross_notation_exact_match_uses_the_student_marker():
+    student = ["!", "Ġhello", "hello", "Ġworld"] + [c for c in vm.byte_to_unicode().values() if c != "!"]
+    teacher = ["▁hello", "hello", "▁world", "▁the", "▁a", "▁of", "<0x0A>"]
+    mapping = vm.build_vocab_map(teacher, student)
+    assert mapping[:3] == [1, 2, 3]
+    assert student[mapping[6]] == "Ċ"
+
+
+# --------------------------------------------------------------------------- nearest + ties
+def test_ties_go_to_the_smallest_student_id():
+    student = ["zzz", "abd", "abe", "xbc"]           # all at distance 1 from "abc" except "zzz"
+    assert vm.build_vocab_map(["abc"], student) == [1]
+    assert vm.build_vocab_map(["abc"], ["zzz", "xbc", "abd", "abe"]) == [1]
+
+
+def test_exact_match_wins_and_duplicates_take_the_first_id():
+    student = ["ab", "abc", "abc", "abcd"]
+    assert vm.build_vocab_map(["abc", "abcd", "abcde"], student) == [1, 3, 3]
+
+
+def test_nearest_matches_a_brute_force_loop():
+    from rapidfuzz.distance import Levenshtein
+
+    student = ["the", "then", "there", "Ġthe", "a", "an", "and", "x", "hello", "help"]
+    queries = ["tha", "thee", "Ġth", "anda", "hel", "q", "helo", ""]
+    got = vm.nearest_by_edit_distance(queries, student, chunk_size=3).tolist()
+    for q, g in zip(queries, got):
+        dists = [Levenshtein.distance(q, s) for s in student]
+        assert g == dists.index(min(dists)), q
+
+
+def test_special_pairs_override_the_string_rules():
+    assert vm.build_vocab_map(["<eos>", "b"], ["b", "<eos>", "</s>"], special_pairs=[(0, 2)]) == [2, 0]
+
+
+# --------------------------------------------------------------------------- files
+def test_save_and_load_round_trip(tmp_path):
+    path = vm.save_vocab_map([3, 1, 4, 1], tmp_path / "sub" / "map.json")
+    assert json.loads(path.read_text()) == {"0": 3, "1": 1, "2": 4, "3": 1}
+    assert vm.load_vocab_map(path) == [3, 1, 4, 1]
+    assert [p.name for p in path.parent.iterdir()] == ["map.json"]  # no temporary left behind
+
+
+def test_load_rejects_gaps_and_non_integers(tmp_path):
+    gap = tmp_path / "gap.json"
+    gap.write_text(json.dumps({"0": 1, "2": 3}))
+    with pytest.raises(ValueError, match="gap.json.*0..1"):
+        vm.load_vocab_map(gap)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"0": "x"}))
+    with pytest.raises(ValueError, match="bad.json"):
+        vm.load_vocab_map(bad)
+
+
+def test_load_or_build_caches_and_respects_an_explicit_path(tmp_path, tokenizers):
+    gpt2 = tokenizers("gpt2")
+    mapping, path = vm.load_or_build_vocab_map(None, gpt2, gpt2, cache_dir=tmp_path / "cache")
+    assert mapping == list(range(len(gpt2)))          # same vocabulary: the identity
+    assert path.parent == tmp_path / "cache" and path.is_file()
+    path.write_text(json.dumps({str(i): 0 for i in range(len(gpt2))}))   # the cache is what is read
+    assert vm.load_or_build_vocab_map(None, gpt2, gpt2, cache_dir=tmp_path / "cache")[0][5] == 0
+    explicit = tmp_path / "given" / "map.json"
+    mapping2, path2 = vm.load_or_build_vocab_map(explicit, gpt2, gpt2, cache_dir=tmp_path / "cache")
+    assert path2 == explicit and explicit.is_file() and mapping2 == list(range(len(gpt2)))
+
+
+def test_cli_writes_the_published_format(tmp_path, capsys):
+    out = tmp_path / "map.json"
+    gpt2 = str(hub_path("gpt2"))
+    assert vm.main(["--teacher", gpt2, "--student", gpt2, "--out", str(out), "--workers", "1"]) == 0
+    data = json.loads(out.read_text())
+    assert list(data) == [str(i) for i in range(50257)] and data["50256"] == 50256
+    assert "wrote" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- agreement
+def _slice_ids(n_teacher: int, k: int) -> list[int]:
+    """Every k-th teacher id plus the special tail: mostly edit-distance cases, some exact."""
+    return sorted(set(range(0, n_teacher, k)) | set(range(n_teacher - 5, n_teacher)))
+
+
+@pytest.mark.parametrize("pair,stride", [("qwen_to_gpt2", 151), ("mistral_to_tinyllama", 37)])
+def test_slice_agrees_with_the_published_map(pair, stride, tokenizers):
+    teacher, student = (tokenizers(n) for n in PAIRS[pair])
+    ref = reference_map(pair)
+    t_tokens, s_tokens = vm.vocabulary_tokens(teacher), vm.vocabulary_tokens(student)
+    assert len(ref) == len(t_tokens)
+    ids = _slice_ids(len(t_tokens), stride)
+    specials = dict(vm.special_token_pairs(teacher, student))
+    got = vm.build_vocab_map([t_tokens[i] for i in ids], s_tokens,
+                             special_pairs=[(j, specials[i]) for j, i in enumerate(ids) if i in specials])
+    n_exact = sum(t_tokens[i] in set(s_tokens) for i in ids)
+    assert 0 < n_exact < len(ids)                      # both rules are exercised
+    agree = sum(g == ref[i] for g, i in zip(got, ids))
+    assert agree == len(ids), f"{pair}: {agree}/{len(ids)} agree"
+
+
+@pytest.mark.slow
+def test_full_mistral_to_tinyllama_map_agrees(tmp_path):
+    out = tmp_path / "m2t.json"
+    assert vm.main(["--teacher", str(hub_path("mistral")), "--student", str(hub_path("tinyllama")),
+                    "--out", str(out)]) == 0
+    got, ref = vm.load_vocab_map(out), reference_map("mistral_to_tinyllama")
+    agree = sum(a == b for a, b in zip(got, ref))
+    assert len(got) == len(ref) == 32000
+    assert agree / len(ref) >= 0.99, agree
+    assert agree == len(ref)  # measured: 32000/32000 (docs/mined.md)
