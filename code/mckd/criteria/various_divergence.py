@@ -1,0 +1,74 @@
+"""``various_divergence``: vanilla logit KD between models sharing one tokenizer (spec 6.1).
+
+    loss = combine(CE_sum, sum_{labels != -100} D(p_s, p_t))
+
+``D`` is ``--kd-objective`` (:mod:`mckd.criteria.divergences`), with temperature
+``--kd-temperature`` on both sides and optional tau^2 scaling (``--kd-temperature-scaling``).
+``combine`` is ``(1 - l) CE + l KD`` as published, or ``CE + l KD`` with
+``--loss-combination additive``. Teacher and student positions must coincide (same tokenizer);
+the vocabulary sizes must match (models with padded vocabularies of different sizes would need an
+explicit slice, which we refuse to guess: the published ``[:151851]`` is not reproduced).
+"""
+from __future__ import annotations
+
+import torch
+
+from mckd.criteria.base import Criterion, CriterionOutput, ModelDims, ModelView, register_criterion
+from mckd.criteria.common import combine_losses, count_tokens, label_mask, masked_sum
+from mckd.criteria.cross_entropy import sft_terms
+from mckd.criteria.divergences import get_divergence
+
+
+def check_same_vocab(student_logits: torch.Tensor, teacher_logits: torch.Tensor, name: str) -> None:
+    """Clear error when a same-tokenizer criterion gets mismatched logits."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"{name}: student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ; this criterion needs teacher and student to share "
+            f"one tokenizer and vocabulary size (use a cross-tokenizer criterion such as "
+            f"dual_space_kd_with_cma, universal_logit_distillation, min_edit_dis_kld or mcw_kd)")
+
+
+@register_criterion("various_divergence")
+class VariousDivergence(Criterion):
+    """Vanilla KD with a selectable divergence."""
+
+    needs_teacher = True
+
+    def __init__(self, kd_objective: str = "forward_kl", kd_rate: float = 0.5,
+                 kd_temperature: float = 1.0, tau_squared: bool = False,
+                 label_smoothing: float = 0.0, loss_combination: str = "published",
+                 adaptive_kl_alpha: float = 0.5, skew_lambda: float = 0.1):
+        super().__init__()
+        self.divergence = get_divergence(kd_objective, adaptive_kl_alpha=adaptive_kl_alpha,
+                                         skew_lambda=skew_lambda)
+        self.kd_objective = kd_objective
+        self.kd_rate = kd_rate
+        self.kd_temperature = kd_temperature
+        self.tau_squared = tau_squared
+        self.label_smoothing = label_smoothing
+        self.loss_combination = loss_combination
+
+    @classmethod
+    def from_args(cls, args, dims: ModelDims, resources=None) -> "VariousDivergence":
+        return cls(kd_objective=args.kd_objective, kd_rate=args.kd_rate,
+                   kd_temperature=args.kd_temperature,
+                   tau_squared=getattr(args, "kd_temperature_scaling", False),
+                   label_smoothing=getattr(args, "label_smoothing", 0.0),
+                   loss_combination=getattr(args, "loss_combination", "published"),
+                   adaptive_kl_alpha=getattr(args, "adaptive_kl_alpha", 0.5),
+                   skew_lambda=getattr(args, "skew_lambda", 0.1))
+
+    def forward(self, batch: dict[str, torch.Tensor], student: ModelView,
+                teacher: ModelView | None) -> CriterionOutput:
+        if teacher is None:
+            raise ValueError("various_divergence: needs a teacher, but the loop passed teacher=None")
+        labels = batch["labels"]
+        check_same_vocab(student.logits, teacher.logits, "various_divergence")
+        ce, metrics = sft_terms(student.logits, labels, self.label_smoothing)
+        per_token = self.divergence(student.logits, teacher.logits.detach(),
+                                    temperature=self.kd_temperature, tau_squared=self.tau_squared)
+        kd = masked_sum(per_token, label_mask(labels))                      # (B, T) -> ()
+        loss = combine_losses(ce, kd, self.kd_rate, self.loss_combination, published="interpolate")
+        metrics.update(kd_loss=kd.detach(), loss=loss.detach())
+        return CriterionOutput(loss, count_tokens(labels), metrics)
