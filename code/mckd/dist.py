@@ -1,0 +1,153 @@
+"""Distributed helpers in one place: init/cleanup, rank checks, reductions, rank-0 logging.
+
+Works for a single process (no process group: every helper is a no-op), ``torchrun`` (DDP, gloo on
+CPU, nccl on GPU, single or multi node) and the ``deepspeed`` launcher (``deepspeed.init_distributed``).
+Rank, world size and local rank always come from the environment variables that every launcher sets
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), never from command-line flags.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+
+logger = logging.getLogger(__name__)
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_initialized() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def rank() -> int:
+    return tdist.get_rank() if is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """``auto``: nccl when CUDA is available, gloo otherwise."""
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise RuntimeError("--ddp-backend nccl needs CUDA; use gloo (or auto) on CPU")
+    return backend
+
+
+def device_for_rank() -> torch.device:
+    """``cuda:LOCAL_RANK`` when CUDA is available (and selected), else CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+def init_distributed(backend: str = "auto", *, deepspeed: bool = False, timeout_min: int = 30) -> None:
+    """Join the process group when launched with several processes (or always under DeepSpeed).
+
+    Args:
+        backend: "auto" | "nccl" | "gloo".
+        deepspeed: use ``deepspeed.init_distributed`` (it also handles the MPI-style environments of
+            the deepspeed launcher on multi-node hostfiles).
+        timeout_min: collective timeout.
+    """
+    if is_initialized():
+        return
+    backend = resolve_backend(backend)
+    timeout = datetime.timedelta(minutes=timeout_min)
+    if deepspeed:
+        import deepspeed as ds
+
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        ds.init_distributed(dist_backend=backend, timeout=timeout)
+    elif env_world_size() > 1:
+        tdist.init_process_group(backend=backend, timeout=timeout)
+    if is_initialized():
+        logger.info("process group: backend %s, rank %d of %d (local rank %d)", backend, rank(),
+                    world_size(), local_rank())
+
+
+def cleanup() -> None:
+    if is_initialized():
+        tdist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_initialized():
+        tdist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (identity without a process group). Returns ``t``."""
+    if is_initialized() and world_size() > 1:
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if is_initialized() and world_size() > 1:
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return t
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks, out of place (what ``Criterion.after_optimizer_step`` receives)."""
+    t = t.detach().clone()
+    if is_initialized() and world_size() > 1:
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+        t /= world_size()
+    return t
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's object, in rank order (``[obj]`` without a process group)."""
+    if not (is_initialized() and world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not (is_initialized() and world_size() > 1):
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def broadcast_module_(module: torch.nn.Module, src: int = 0) -> None:
+    """Make parameters and buffers identical on every rank (rank ``src`` wins)."""
+    if not (is_initialized() and world_size() > 1):
+        return
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            tdist.broadcast(t.data, src=src)
+
+
+class RankZeroFilter(logging.Filter):
+    """Drops records on ranks other than 0 (attach to handlers)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:  # noqa: A003
+        return is_main()

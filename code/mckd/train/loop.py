@@ -1,0 +1,461 @@
+"""The training recipe: setup, train, save, cleanup (one loop for plain torch, DDP and DeepSpeed).
+
+Per optimizer step (DESIGN 2, STYLE 3-5):
+
+1. draw ``gas`` micro-batches; count their label tokens and all-reduce the count once (``T``);
+2. ``criterion.set_progress(step, total_steps)``;
+3. per micro-batch: teacher forward (``no_grad``, eval), student forward + criterion inside the
+   wrapped module, ``loss = loss_sum * engine.loss_scale(T)``, backward (DDP reduces on the last
+   micro-batch only);
+4. clip + optimizer + scheduler step (skipped when the gradient is not finite), then
+   ``criterion.after_optimizer_step(all_reduce_mean)``;
+5. metrics stay on the device and are reduced once per ``--log-interval``.
+
+Evaluation and checkpoints happen every ``--eval-interval`` / ``--save-interval`` epochs or steps
+(``--interval-unit``), and once more at the end of the run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mckd import dist
+from mckd.config import Config, ConfigError, finalize, load_deepspeed_json, write_args_json
+from mckd.criteria.base import CriterionResources, get_criterion_class
+from mckd.data.batch import IGNORE_INDEX, TEACHER_PREFIX
+from mckd.models import loading
+from mckd.train import checkpoint as ckpt_io
+from mckd.train import dev_eval, optim
+from mckd.train.engine import (DeepSpeedEngine, DistillModule, TorchEngine, fill_deepspeed_config,
+                               model_inputs)
+from mckd.train.sampling import ResumableDistributedSampler
+
+logger = logging.getLogger("mckd.train")
+
+
+class TrainingAborted(RuntimeError):
+    """Raised after --nan-patience consecutive non-finite steps (a checkpoint is saved first)."""
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def check_output_dir(save_dir: str, *, overwrite: bool, resume: bool) -> None:
+    """Refuse to write into a non-empty run directory unless --overwrite or --resume."""
+    p = Path(save_dir)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"--save-dir: {save_dir} exists and is not a directory")
+    if p.is_dir() and any(p.iterdir()) and not (overwrite or resume):
+        raise ConfigError(f"--save-dir: {save_dir} is not empty; pass --resume to continue the run "
+                          "there or --overwrite to write into it anyway")
+
+
+def _setup_file_logging(save_dir: Path) -> None:
+    if not dist.is_main():
+        return
+    root = logging.getLogger("mckd")
+    path = str(save_dir / "train.log")
+    if any(isinstance(h, logging.FileHandler) and h.baseFilename == os.path.abspath(path)
+           for h in root.handlers):
+        return
+    h = logging.FileHandler(path)
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(h)
+    root.setLevel(min(root.level or logging.INFO, logging.INFO))
+
+
+class Trainer:
+    """Build everything from a :class:`Config`, then :meth:`train`."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.ns = cfg.namespace()
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> "Trainer":
+        cfg, t, m = self.cfg, self.cfg.train, self.cfg.model
+        dist.init_distributed(cfg.dist.ddp_backend, deepspeed=cfg.dist.deepspeed)
+        self.device = dist.device_for_rank()
+        self.rank, self.world = dist.rank(), dist.world_size()
+        cfg.derived.update(world_size=self.world, rank=self.rank,
+                           effective_batch_size=t.batch_size * t.gradient_accumulation_steps * self.world)
+        check_output_dir(t.save_dir, overwrite=t.overwrite, resume=t.resume)
+        self.save_dir = Path(t.save_dir)
+        self.resume_from = ckpt_io.latest_checkpoint(self.save_dir) if t.resume else None
+        if t.resume and self.resume_from is None:
+            logger.info("--resume: no complete checkpoint in %s; starting from scratch", self.save_dir)
+        _seed_everything(t.seed + self.rank)
+
+        self.crit_cls = get_criterion_class(m.criterion)
+        ds_cfg = None
+        if cfg.dist.deepspeed:
+            ds_cfg = fill_deepspeed_config(
+                load_deepspeed_json(cfg.dist.deepspeed_config), batch_size=t.batch_size,
+                grad_acc=t.gradient_accumulation_steps, world_size=self.world,
+                clip_grad=t.clip_grad, precision=t.precision)
+            if int(ds_cfg["zero_optimization"].get("stage", 0)) == 3:
+                from transformers.integrations import HfDeepSpeedConfig
+
+                self._hf_ds = HfDeepSpeedConfig(ds_cfg)  # must stay alive: partitioned loading
+        self.ds_cfg = ds_cfg
+        self._load_models()
+        self._build_data()
+        finalize(cfg, len(self.train_set))
+        self.total_steps = cfg.derived["total_steps"]
+        self.run_steps = cfg.derived["run_steps"]
+        self.ipe = cfg.derived["iters_per_epoch"]
+        self._build_engine()
+        # Nothing failed: from here on the run directory is written.
+        if dist.is_main():
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            write_args_json(cfg, self.save_dir / ("args.json" if self.resume_from is None
+                                                  else "args.resume.json"))
+        dist.barrier()
+        _setup_file_logging(self.save_dir)
+        self.state = {"global_step": 0, "epoch": 0, "consumed": 0, "nan_streak": 0}
+        if self.resume_from is not None:
+            self.state.update(ckpt_io.load_resume_state(self.resume_from, engine=self.engine,
+                                                        criterion=self.criterion)["loop"])
+            logger.info("resumed from %s at step %d", self.resume_from, self.state["global_step"])
+        self._open_writers()
+        return self
+
+    def _load_models(self) -> None:
+        cfg, m, p = self.cfg, self.cfg.model, self.cfg.peft
+        student_path, peft_path = m.model_path, p.peft_path
+        if self.resume_from is not None:  # weights come from the checkpoint
+            if p.peft == "lora":
+                peft_path = str(self.resume_from)
+            elif not cfg.dist.deepspeed:
+                student_path = str(self.resume_from)
+        targets = p.peft_target_modules.split(",") if p.peft_target_modules else None
+        self.student, self.tokenizer, self.family = loading.load_student(
+            student_path, dtype=cfg.derived["student_load_dtype"],
+            gradient_checkpointing=m.gradient_checkpointing, declared_type=m.model_type,
+            peft=p.peft, lora_r=p.peft_lora_r, lora_alpha=p.peft_lora_alpha,
+            lora_dropout=p.peft_lora_dropout, lora_target_modules=targets, peft_path=peft_path)
+        self.teacher = self.teacher_tokenizer = None
+        if m.teacher_model_path is not None and self.crit_cls.needs_teacher:
+            self.teacher, self.teacher_tokenizer, _ = loading.load_teacher(
+                m.teacher_model_path, dtype=cfg.derived["teacher_load_dtype"],
+                declared_type=m.teacher_model_type, peft_path=p.teacher_peft_path)
+        elif m.teacher_model_path is not None:
+            logger.warning("criterion %s uses no teacher: --teacher-model-path is ignored", m.criterion)
+        dims = loading.read_dims(m.model_path, m.teacher_model_path if self.teacher is not None else None)
+        resources = CriterionResources(student_tokenizer=self.tokenizer,
+                                       teacher_tokenizer=self.teacher_tokenizer,
+                                       projector_config_path=self.cfg.criterion_args.get("projector_config_path"))
+        self.criterion = self.crit_cls.from_args(self.ns, dims, resources)
+        self.cfg.derived["model_dims"] = vars(dims)
+        self.cfg.derived["student_family"] = self.family
+
+    def _build_data(self) -> None:
+        from mckd.data import DistillCollator, build_dataset, build_prompt_dataset
+
+        d, e = self.cfg.data, self.cfg.eval
+        align = tuple(self.crit_cls.alignment)
+        kw = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length)
+        # Rank 0 tokenises and caches first; the others then read the cache.
+        for turn in (0, 1):
+            if (turn == 0) == dist.is_main():
+                self.train_set = build_dataset(Path(d.data_dir) / "train.jsonl",
+                                               student_tokenizer=self.tokenizer,
+                                               teacher_tokenizer=self.teacher_tokenizer,
+                                               alignment=align, limit=d.train_num, **kw)
+                self.dev_set = build_dataset(Path(d.data_dir) / "dev.jsonl",
+                                             student_tokenizer=self.tokenizer, limit=d.dev_num, **kw)
+            dist.barrier()
+        tpad = self.teacher_tokenizer.pad_token_id if self.teacher_tokenizer is not None else None
+        self.collator = DistillCollator(self.tokenizer.pad_token_id, tpad, alignment=align)
+        self.dev_collator = DistillCollator(self.tokenizer.pad_token_id)
+        self.dev_prompts = []
+        if e.eval_gen:
+            prompts = build_prompt_dataset(Path(d.data_dir) / "dev.jsonl", self.tokenizer,
+                                           d.max_prompt_length, limit=d.dev_num)
+            self.dev_prompts = prompts if e.eval_gen_num < 0 else prompts[: e.eval_gen_num]
+        self.sampler = ResumableDistributedSampler(len(self.train_set), rank=dist.rank(),
+                                                   world_size=dist.world_size(), seed=self.cfg.train.seed)
+        self.loader = torch.utils.data.DataLoader(
+            self.train_set, batch_size=self.cfg.train.batch_size, sampler=self.sampler,
+            collate_fn=self.collator, drop_last=True, num_workers=d.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(self.cfg.train.seed),  # keeps the global RNG untouched
+            persistent_workers=False)
+
+    def _build_engine(self) -> None:
+        t = self.cfg.train
+        module = DistillModule(self.student, self.criterion)
+        groups = optim.param_groups(self.student, self.criterion, lr=t.lr, weight_decay=t.weight_decay,
+                                    projector_lr=self.cfg.criterion_args.get("projector_lr"))
+        opt = optim.build_optimizer(groups)
+        sched = optim.build_scheduler(opt, total=self.total_steps, warmup=t.warmup_iters,
+                                      style=t.lr_decay_style, lr=t.lr, lr_min=t.lr_min)
+        if self.ds_cfg is not None:
+            self.engine = DeepSpeedEngine(module, opt, sched, ds_config=self.ds_cfg)
+            self.device = self.engine.device
+        else:
+            self.engine = TorchEngine(module, opt, sched, device=self.device, precision=t.precision,
+                                      clip_grad=t.clip_grad)
+        if self.teacher is not None:
+            if self.ds_cfg is not None and self.engine.zero_stage == 3:
+                import deepspeed
+
+                inf_cfg = {k: v for k, v in self.ds_cfg.items() if k not in ("optimizer", "scheduler")}
+                self.teacher = deepspeed.initialize(model=self.teacher, config=inf_cfg,
+                                                    dist_init_required=False)[0].module
+            else:
+                self.teacher.to(self.device)
+            self.teacher.eval()
+
+    def _open_writers(self) -> None:
+        self.tb = None
+        self.metrics_path = self.save_dir / "metrics.jsonl"
+        if not dist.is_main():
+            return
+        if self.metrics_path.exists() and self.resume_from is not None:
+            # drop log lines of steps the interrupted run did after its last checkpoint
+            keep = [ln for ln in self.metrics_path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= self.state["global_step"]]
+            self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(self.save_dir / "tensorboard"),
+                                    purge_step=self.state["global_step"] + 1 if self.resume_from else None)
+        except ImportError:  # pragma: no cover - tensorboard is a requirement
+            logger.warning("tensorboard is not installed: no event files")
+
+    # ------------------------------------------------------------------ one step
+    def _teacher_view(self, batch: dict):
+        if self.teacher is None:
+            return None
+        need_h = self.criterion.needs_hidden
+        with torch.no_grad(), self.engine.autocast():
+            out = self.teacher(**model_inputs(self.teacher, batch, TEACHER_PREFIX),
+                               output_hidden_states=need_h, use_cache=False)
+        return loading.model_view(self.teacher, out, with_hidden=need_h)
+
+    def _step(self, micro: list[dict], acc: dict) -> tuple[float, bool]:
+        step = self.state["global_step"]
+        dev = self.device
+        local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)
+        total = dist.all_reduce_sum(torch.tensor(float(local_tokens), device=dev))  # one all-reduce
+        scale = self.engine.loss_scale(total)
+        self.criterion.set_progress(step, self.total_steps)
+        for i, batch in enumerate(micro):
+            last = i == len(micro) - 1
+            batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+            tview = self._teacher_view(batch)
+            out = self.engine.forward(batch, tview, last=last)
+            loss = out.loss_sum.float() * scale
+            if self.engine.kind == "deepspeed":
+                self._deepspeed_finite_guard(out.loss_sum)
+            self.engine.backward(loss, last=last)
+            self._accumulate(acc, out)
+        norm, skipped = self.engine.finish_step()
+        return norm, skipped
+
+    def _deepspeed_finite_guard(self, loss_sum: torch.Tensor) -> None:
+        """DeepSpeed applies the update inside its step, so a non-finite loss must be caught before
+        backward; it cannot be skipped there: save the last good state and abort."""
+        bad = dist.all_reduce_max((~torch.isfinite(loss_sum.detach())).float().reshape(1))
+        if bool(bad.item()):
+            self._save(tag="nan-abort")
+            raise TrainingAborted(f"non-finite loss at step {self.state['global_step']} under "
+                                  "DeepSpeed (its steps cannot be skipped); last good state saved "
+                                  f"in {self.save_dir}")
+
+    @staticmethod
+    def _accumulate(acc: dict, out) -> None:
+        def add(k, v):
+            v = v.detach().float()
+            acc[k] = acc[k] + v if k in acc else v
+
+        add("loss", out.loss_sum)
+        add("tokens", out.n_tokens.float() if torch.is_tensor(out.n_tokens)
+            else torch.tensor(float(out.n_tokens), device=out.loss_sum.device))
+        add("micro_batches", torch.ones((), device=out.loss_sum.device))
+        for k, v in out.metrics.items():
+            add(k, v if torch.is_tensor(v) else torch.tensor(float(v), device=out.loss_sum.device))
+
+    def _reduce_log(self, acc: dict) -> dict[str, float]:
+        """One all-reduce for every metric of the interval; token-sum metrics / tokens, ``stat/``
+        metrics / micro-batches."""
+        keys = sorted(acc)
+        vec = dist.all_reduce_sum(torch.stack([acc[k].reshape(()) for k in keys]).double())
+        vals = dict(zip(keys, vec.tolist()))
+        tok, mb = max(1.0, vals.pop("tokens")), max(1.0, vals.pop("micro_batches"))
+        return {k: (v / mb if k.startswith("stat/") else v / tok) for k, v in vals.items()} | {
+            "tokens": tok}
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        gas = t.gradient_accumulation_steps
+        st = self.state
+        acc: dict = {}
+        hooks: dict = {}
+        last_log_t = time.time()
+        last_saved = st["global_step"] if self.resume_from is not None else -1
+        bar = None
+        if dist.is_main():
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.run_steps, initial=st["global_step"], desc="train", dynamic_ncols=True,
+                       disable=None)
+        logger.info("training: %d steps (%d per epoch, %d epochs), effective batch %d, %s engine, "
+                    "precision %s", self.total_steps, self.ipe, cfg.derived["num_epochs"],
+                    cfg.derived["effective_batch_size"], self.engine.kind, t.precision)
+        self.engine.module.train()
+        if self.teacher is not None:
+            self.teacher.eval()
+        while st["global_step"] < self.run_steps and st["epoch"] < cfg.derived["num_epochs"]:
+            self.sampler.set_position(st["epoch"], st["consumed"] * t.batch_size)
+            it = iter(self.loader)
+            while st["consumed"] < self.ipe * gas and st["global_step"] < self.run_steps:
+                micro = [next(it) for _ in range(gas)]
+                norm, skipped = self._step(micro, acc)
+                st["consumed"] += gas
+                if skipped:
+                    st["nan_streak"] += 1
+                    logger.warning("step %d: non-finite gradient norm, step skipped (%d in a row, "
+                                   "patience %d)", st["global_step"] + 1, st["nan_streak"], t.nan_patience)
+                    if st["nan_streak"] >= t.nan_patience:
+                        self._save(tag="nan-abort")
+                        raise TrainingAborted(
+                            f"{st['nan_streak']} consecutive non-finite steps (--nan-patience "
+                            f"{t.nan_patience}); the last good state is saved in {self.save_dir}")
+                    continue
+                st["nan_streak"] = 0
+                st["global_step"] += 1
+                hooks.update(self.criterion.after_optimizer_step(dist.all_reduce_mean) or {})
+                if bar is not None:
+                    bar.update(1)
+                step = st["global_step"]
+                if step % t.log_interval == 0 or step == self.run_steps:
+                    last_log_t = self._log(acc, hooks, norm, last_log_t, bar)
+                    acc, hooks = {}, {}
+                epoch_done = st["consumed"] >= self.ipe * gas
+                if epoch_done:
+                    st["epoch"] += 1
+                    st["consumed"] = 0
+                if self._due(step, epoch_done, t.eval_interval):
+                    dev = self.evaluate()
+                else:
+                    dev = None
+                if self._due(step, epoch_done, t.save_interval):
+                    self._save(dev=dev)
+                    last_saved = step
+                if epoch_done:
+                    break
+        if bar is not None:
+            bar.close()
+        dev = None
+        if last_saved != st["global_step"]:
+            dev = self.evaluate() if (t.eval_interval > 0 or cfg.eval.eval_gen) else None
+            self._save(dev=dev)
+        logger.info("training done at step %d", st["global_step"])
+        return {"global_step": st["global_step"], "dev": dev}
+
+    def _due(self, step: int, epoch_done: bool, interval: int) -> bool:
+        if interval <= 0:
+            return False
+        if self.cfg.train.interval_unit == "step":
+            return step % interval == 0
+        return epoch_done and self.state["epoch"] % interval == 0
+
+    def _log(self, acc: dict, hooks: dict, norm: float, t0: float, bar) -> float:
+        vals = self._reduce_log(acc) if acc else {}
+        now = time.time()
+        st = self.state
+        lrs = self.engine.lr()
+        rec = {"step": st["global_step"], "epoch": st["epoch"] + st["consumed"] / max(1, self.ipe * self.cfg.train.gradient_accumulation_steps),
+               **vals, "grad_norm": norm, "lr": lrs[0], "lr_last_group": lrs[-1],
+               "tokens_per_s": vals.get("tokens", 0.0) / max(1e-9, now - t0)}
+        rec.update({k: float(v) for k, v in hooks.items()})
+        if dist.is_main():
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if self.tb is not None:
+                for k, v in rec.items():
+                    if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                        self.tb.add_scalar(f"train/{k}", v, rec["step"])
+            msg = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items())
+            logger.info("train | %s", msg)
+            if bar is not None:
+                bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.4f}", lr=f"{lrs[0]:.2e}")
+        return now
+
+    # ------------------------------------------------------------------ eval / save
+    def evaluate(self) -> dict:
+        e, d = self.cfg.eval, self.cfg.data
+        student = self.engine.raw.student
+        res = dev_eval.teacher_forced(student, self.dev_set, self.dev_collator,
+                                      batch_size=e.eval_batch_size, device=self.device,
+                                      autocast=self.engine.autocast)
+        out = {"loss": res["loss"], "accuracy": res["accuracy"]}
+        if e.eval_gen and self.dev_prompts:
+            zero3 = self.engine.kind == "deepspeed" and self.engine.zero_stage == 3
+            with self.engine.autocast():
+                scores, _ = dev_eval.generation_scores(
+                    student, self.tokenizer, self.dev_prompts, batch_size=e.eval_batch_size,
+                    max_new_tokens=self.cfg.derived["max_new_tokens"], do_sample=e.do_sample,
+                    top_p=e.top_p, top_k=e.top_k, temperature=e.temperature,
+                    no_repeat_ngram_size=e.no_repeat_ngram_size, seed=self.cfg.train.seed,
+                    repeat_times=e.eval_gen_repeat_times, synced_gpus=zero3)
+            out.update(scores)
+        step = self.state["global_step"]
+        if dist.is_main():
+            logger.info("dev | step %d | %s", step, " ".join(f"{k}={v:.4f}" for k, v in out.items()))
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps({"step": step, "split": "dev", **out}) + "\n")
+            if self.tb is not None:
+                for k, v in out.items():
+                    self.tb.add_scalar(f"dev/{k}", v, step)
+        return out
+
+    def _save(self, dev: dict | None = None, tag: str | None = None) -> Path:
+        st = self.state
+        name = ckpt_io.checkpoint_name(st["epoch"], st["global_step"])
+        if tag is not None:
+            name += f"_{tag}"
+        state = {"loop": dict(st), "dev": dev or {}, "total_steps": self.total_steps,
+                 "world_size": self.world, "criterion": self.cfg.model.criterion}
+        path = ckpt_io.save_checkpoint(self.save_dir, name, engine=self.engine,
+                                       student=self.engine.raw.student, criterion=self.criterion,
+                                       tokenizer=self.tokenizer, trainer_state=state,
+                                       only_save_projector=self.cfg.train.only_save_projector)
+        if tag is None:
+            eval_gen = self.cfg.eval.eval_gen
+            ckpt_io.prune_checkpoints(self.save_dir, self.cfg.train.keep_best_n_checkpoints,
+                                      higher_is_better=eval_gen, score_key="rougeL" if eval_gen else "loss")
+        dist.barrier()
+        return path
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        dist.cleanup()
+
+
+def run(cfg: Config) -> dict:
+    """Setup, train, cleanup. Returns the final step and dev metrics."""
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        if getattr(trainer, "tb", None) is not None:
+            trainer.tb.close()
+        dist.cleanup()
