@@ -1,0 +1,222 @@
+"""``min_edit_dis_kld``: MinED cross-tokenizer logit KD (FuseLLM-style alignment; spec 6.5, 4.4).
+
+    loss = combine(CE_sum, sum_{labels != -100} KL_tau(q_aligned || p_s))
+
+For every student label position ``j`` the target distribution ``q_aligned`` is
+
+* the teacher's next-token logits at the teacher position ``i`` aligned to ``j``, moved into the
+  student vocabulary through the MinED id map, when ``j`` is *aligned*:
+  (a) the token DTW aligned exactly one teacher token to ``j`` (``batch["mined_teacher_index"]``,
+  computed once per example by the data pipeline, :mod:`mckd.data.alignment`),
+  (b) the student input id at ``j`` equals ``tea2stu[teacher input id at i]``, and
+  (c) at least one transferred logit is above the fill value (the published "row max != -1e5");
+* otherwise a one-hot target: logit 100 at the gold label, -1e5 elsewhere (so the KD term there
+  is the CE at temperature tau).
+
+Vocabulary transfer (spec 4.4): the map ``tea2stu`` (teacher id -> student id) is inverted to
+``stu2tea``: every student id in its image gets the *smallest* teacher id mapped to it
+(``max_align_num = 1``); student ids outside the image get the fill logit -1e5, i.e. zero teacher
+probability. The transfer is one gather of the ``K`` mapped teacher columns at the aligned teacher
+positions plus one ``index_copy`` into a float (B, T_s, V_s) tensor (the published code built an
+int64 one-hot over the vocabulary per position, spec 14.3).
+
+``combine`` is the published ``(1 - l) CE + l KD``; ``--loss-combination additive`` selects
+``CE + l KD``. Temperature ``--kd-temperature`` divides both sides, ``--kd-temperature-scaling``
+adds the tau^2 factor (off as published). Differences from the published code: docs/mined.md.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Sequence
+
+import torch
+
+from mckd.criteria.base import (Criterion, CriterionOutput, CriterionResources, ModelDims, ModelView,
+                                register_criterion)
+from mckd.criteria.common import (combine_losses, count_tokens, label_mask, masked_sum, safe_targets,
+                                  teacher_input_ids, upcast)
+from mckd.criteria.cross_entropy import sft_terms
+from mckd.criteria.divergences import forward_kl
+
+logger = logging.getLogger(__name__)
+
+FILL_LOGIT = -1e5    # logit of student ids that receive no teacher value (published constant)
+GOLD_LOGIT = 100.0   # logit of the gold id in the one-hot fallback target (published constant)
+INDEX_KEY = "mined_teacher_index"
+
+
+def invert_vocab_map(tea2stu: torch.Tensor, student_vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Invert teacher->student to student->first teacher id (spec 4.4 steps 2-4).
+
+    Args:
+        tea2stu: (V_t',) long, student id of every teacher id.
+        student_vocab: V_s, size of the student logits.
+
+    Returns:
+        ``(teacher_ids, student_ids)``: two (K,) long tensors, K = number of distinct student ids
+        in the image of ``tea2stu``; ``teacher_ids[k]`` is the smallest teacher id mapped to
+        ``student_ids[k]``; ``student_ids`` ascending.
+    """
+    n_teacher = tea2stu.numel()
+    first = torch.full((student_vocab,), n_teacher, dtype=torch.long, device=tea2stu.device)
+    first.scatter_reduce_(0, tea2stu, torch.arange(n_teacher, device=tea2stu.device), reduce="amin")
+    student_ids = torch.nonzero(first < n_teacher).squeeze(1)
+    return first[student_ids], student_ids
+
+
+def mined_target_logits(teacher_logits: torch.Tensor, teacher_index: torch.Tensor,
+                        student_input_ids: torch.Tensor, teacher_input_ids: torch.Tensor,
+                        labels: torch.Tensor, tea2stu: torch.Tensor, stu2tea_teacher: torch.Tensor,
+                        stu2tea_student: torch.Tensor, student_vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target logits in the student vocabulary (spec 6.5 steps 3-5), batched.
+
+    Args:
+        teacher_logits: (B, T_t, V_t) teacher logits (no gradient is taken through them).
+        teacher_index: (B, T_s) long, aligned teacher input position of each student position or -1.
+        student_input_ids: (B, T_s) long.
+        teacher_input_ids: (B, T_t) long.
+        labels: (B, T_s) long, ``-100`` = ignored.
+        tea2stu: (V_t',) long teacher id -> student id.
+        stu2tea_teacher / stu2tea_student: (K,) long, from :func:`invert_vocab_map`.
+        student_vocab: V_s.
+
+    Returns:
+        ``(target, aligned)``: (B, T_s, V_s) target (fp32, or fp64 for fp64 teacher logits) logits and (B, T_s) bool, True where the
+        teacher supplied the target (conditions a-c); elsewhere the target is the one-hot fallback
+        (at non-label positions too; those are masked by the caller).
+    """
+    B, T_s = labels.shape
+    if teacher_index.shape != labels.shape or student_input_ids.shape != labels.shape:
+        raise ValueError(f"min_edit_dis_kld: {INDEX_KEY} {tuple(teacher_index.shape)}, input_ids "
+                         f"{tuple(student_input_ids.shape)} and labels {tuple(labels.shape)} must match")
+    if teacher_logits.shape[:2] != teacher_input_ids.shape:
+        raise ValueError(f"min_edit_dis_kld: teacher logits {tuple(teacher_logits.shape)} do not match "
+                         f"teacher_input_ids {tuple(teacher_input_ids.shape)}")
+    teacher_logits = teacher_logits.detach()
+    pos = teacher_index.clamp_min(0)                                          # (B, T_s)
+    # (a) one-to-one DTW alignment on a label position
+    aligned = label_mask(labels) & teacher_index.ge(0)
+    # (b) the aligned teacher input token maps to the student input token
+    t_ids = teacher_input_ids.gather(1, pos)                                  # (B, T_s)
+    in_map = t_ids.lt(tea2stu.numel()) & t_ids.ge(0)
+    mapped = tea2stu[t_ids.clamp(0, tea2stu.numel() - 1)]                    # (B, T_s)
+    aligned = aligned & in_map & mapped.eq(student_input_ids)
+    # vocabulary transfer: the K mapped teacher columns at the aligned teacher rows, one gather
+    rows = torch.arange(B, device=pos.device)[:, None, None]
+    cols = teacher_logits[rows, pos[:, :, None], stu2tea_teacher[None, None, :]]
+    cols = upcast(cols)                                                       # (B, T_s, K) >= fp32
+    # (c) at least one transferred logit above the fill value
+    aligned = aligned & cols.amax(dim=-1).gt(FILL_LOGIT)
+    target = torch.full((B, T_s, student_vocab), FILL_LOGIT, dtype=cols.dtype,
+                        device=teacher_logits.device)
+    fill = cols.new_full((), FILL_LOGIT)
+    target.index_copy_(-1, stu2tea_student, torch.where(aligned[..., None], cols, fill))
+    # one-hot fallback: GOLD_LOGIT at the label of every position that is not aligned
+    gold = safe_targets(labels)[..., None]                                    # (B, T_s, 1)
+    gold_value = torch.where(aligned[..., None], target.gather(-1, gold), fill.new_full((), GOLD_LOGIT))
+    target.scatter_(-1, gold, gold_value)
+    return target, aligned
+
+
+@register_criterion("min_edit_dis_kld")
+class MinEditDisKLD(Criterion):
+    """MinED: forward KL to teacher logits transferred through a minimum-edit-distance vocab map.
+
+    Args:
+        tea2stu: teacher id -> student id for ids ``0 .. V_t' - 1``.
+        student_vocab: V_s, size of the student logits (from the model config).
+        teacher_vocab: V_t, size of the teacher logits (checked against the map), or None.
+        kd_rate: lambda.
+        kd_temperature: tau, on both sides.
+        tau_squared: multiply the KL by tau^2.
+        label_smoothing: eps of the CE term.
+        loss_combination: ``published`` (= ``interpolate``), ``interpolate`` or ``additive``.
+        source: where the map came from (for error messages).
+    """
+
+    needs_teacher = True
+    cross_tokenizer = True
+    alignment = ("mined_dtw",)
+
+    def __init__(self, tea2stu: Sequence[int] | torch.Tensor, student_vocab: int,
+                 teacher_vocab: int | None = None, kd_rate: float = 0.5, kd_temperature: float = 1.0,
+                 tau_squared: bool = False, label_smoothing: float = 0.0,
+                 loss_combination: str = "published", source: str = "the vocabulary map"):
+        super().__init__()
+        tea2stu = torch.as_tensor(tea2stu, dtype=torch.long).flatten()
+        if tea2stu.numel() == 0:
+            raise ValueError(f"min_edit_dis_kld: {source} is empty")
+        lo, hi = int(tea2stu.min()), int(tea2stu.max())
+        if lo < 0 or hi >= student_vocab:
+            raise ValueError(f"min_edit_dis_kld: {source} maps to student ids in [{lo}, {hi}], outside "
+                             f"the student vocabulary 0..{student_vocab - 1}; was it built for another "
+                             f"student model?")
+        if teacher_vocab is not None and tea2stu.numel() > teacher_vocab:
+            raise ValueError(f"min_edit_dis_kld: {source} has {tea2stu.numel()} teacher ids but the "
+                             f"teacher logits have only {teacher_vocab}; was it built for another teacher?")
+        if kd_temperature <= 0:
+            raise ValueError(f"min_edit_dis_kld: --kd-temperature must be > 0, got {kd_temperature}")
+        stu2tea_teacher, stu2tea_student = invert_vocab_map(tea2stu, student_vocab)
+        # derived from the map file, so not saved in checkpoints
+        self.register_buffer("tea2stu", tea2stu, persistent=False)
+        self.register_buffer("stu2tea_teacher", stu2tea_teacher, persistent=False)
+        self.register_buffer("stu2tea_student", stu2tea_student, persistent=False)
+        self.student_vocab = int(student_vocab)
+        self.kd_rate = kd_rate
+        self.kd_temperature = kd_temperature
+        self.tau_squared = tau_squared
+        self.label_smoothing = label_smoothing
+        self.loss_combination = loss_combination
+        logger.info("min_edit_dis_kld: %d teacher ids -> %d distinct student ids (of %d)",
+                    tea2stu.numel(), stu2tea_student.numel(), student_vocab)
+
+    @classmethod
+    def from_args(cls, args, dims: ModelDims, resources: CriterionResources | None = None) -> "MinEditDisKLD":
+        from mckd.data.vocab_map import load_or_build_vocab_map
+
+        path = getattr(args, "teacher_to_student_id_mapping", None)
+        tok_t = getattr(resources, "teacher_tokenizer", None)
+        tok_s = getattr(resources, "student_tokenizer", None)
+        if not (path and os.path.isfile(path)) and (tok_t is None or tok_s is None):
+            raise ValueError("min_edit_dis_kld: --teacher-to-student-id-mapping "
+                             f"{path!r} does not exist and no tokenizers were given to build it")
+        mapping, source = load_or_build_vocab_map(path, tok_t, tok_s)
+        logger.info("min_edit_dis_kld: vocabulary map %s", source)
+        return cls(mapping, student_vocab=dims.student_vocab, teacher_vocab=dims.teacher_vocab,
+                   kd_rate=args.kd_rate, kd_temperature=args.kd_temperature,
+                   tau_squared=getattr(args, "kd_temperature_scaling", False),
+                   label_smoothing=getattr(args, "label_smoothing", 0.0),
+                   loss_combination=getattr(args, "loss_combination", "published"),
+                   source=str(source))
+
+    def forward(self, batch: dict[str, torch.Tensor], student: ModelView,
+                teacher: ModelView | None) -> CriterionOutput:
+        """Loss token sum, label-token count and metrics for one micro-batch.
+
+        Batch keys: ``input_ids``, ``labels`` (B, T_s); ``teacher_input_ids`` (B, T_t);
+        ``mined_teacher_index`` (B, T_s). ``student.logits`` (B, T_s, V_s), ``teacher.logits``
+        (B, T_t, V_t).
+        """
+        if teacher is None:
+            raise ValueError("min_edit_dis_kld: needs a teacher, but the loop passed teacher=None")
+        if INDEX_KEY not in batch:
+            raise KeyError(f"min_edit_dis_kld: the batch has no {INDEX_KEY!r}; the data pipeline must "
+                           f"compute the 'mined_dtw' alignment (Criterion.alignment)")
+        labels = batch["labels"]
+        if student.logits.shape[-1] != self.student_vocab:
+            raise ValueError(f"min_edit_dis_kld: student logits have {student.logits.shape[-1]} columns, "
+                             f"the criterion was built for {self.student_vocab}")
+        target, aligned = mined_target_logits(
+            teacher.logits, batch[INDEX_KEY], batch["input_ids"], teacher_input_ids(batch), labels,
+            self.tea2stu, self.stu2tea_teacher, self.stu2tea_student, self.student_vocab)
+        mask = label_mask(labels)
+        ce, metrics = sft_terms(student.logits, labels, self.label_smoothing)
+        per_token = forward_kl(student.logits, target, temperature=self.kd_temperature,
+                               tau_squared=self.tau_squared)                   # (B, T_s)
+        kd = masked_sum(per_token, mask)
+        loss = combine_losses(ce, kd, self.kd_rate, self.loss_combination, published="interpolate")
+        # token sums: the loop divides by the label-token count, so aligned_fraction is a fraction
+        metrics.update(kd_loss=kd.detach(), loss=loss.detach(),
+                       aligned_fraction=(aligned & mask).sum())
+        return CriterionOutput(loss, count_tokens(labels), metrics)
