@@ -1,0 +1,126 @@
+"""``dual_space_kd``: DSKD between models sharing one tokenizer (spec 6.2).
+
+Positions coincide, so the teacher's hidden states are projected straight into the student space
+and the student's into the teacher space:
+
+    z_t2s = P_t2s(h_t) W_s^T                       (student head detached)
+    z_s2t = P_s2t(h_s) W_t^T                       (teacher head detached)
+    KD    = CE(z_t2s, y_s) + sum_s D_tau(z_s || sg(z_t2s)) + sum_t FKL_tau(z_t || z_s2t)
+    loss  = (1 - l) CE + l KD                      (``--loss-combination``)
+
+``D`` is ``--kd-objective``; the teacher-space term is always forward KL, as published. The
+published student-space term has no accuracy mask (unlike the CMA variant) and no extra teacher
+temperature; both are kept. ``tau_squared`` optionally scales both KD terms by tau^2.
+"""
+from __future__ import annotations
+
+import torch
+
+from mckd.criteria.base import Criterion, CriterionOutput, ModelDims, ModelView, register_criterion
+from mckd.criteria.common import (combine_losses, count_tokens, cross_entropy_sum, head_logits,
+                                  label_mask, masked_sum, require_hidden, teacher_labels)
+from mckd.criteria.cross_entropy import sft_terms
+from mckd.criteria.divergences import Divergence, forward_kl, get_divergence
+from mckd.models.projectors import build_projectors, load_projector_weights, run_projector
+
+DSKD_PROJECTORS = ("t2s", "s2t")
+
+
+def dskd_losses(*, student_logits: torch.Tensor, student_hidden: torch.Tensor,
+                teacher_logits: torch.Tensor, teacher_hidden: torch.Tensor,
+                labels: torch.Tensor, teacher_labels: torch.Tensor,
+                student_head_weight: torch.Tensor, teacher_head_weight: torch.Tensor,
+                t2s_proj: torch.nn.Module, s2t_proj: torch.nn.Module,
+                kd_divergence: Divergence = forward_kl, temperature: float = 1.0,
+                tau_squared: bool = False) -> dict[str, torch.Tensor]:
+    """The three DSKD terms as token sums.
+
+    Args:
+        student_logits: (B, T, V_s); student_hidden: (B, T, D_s).
+        teacher_logits: (B, T, V_t); teacher_hidden: (B, T, D_t) (same positions as the student).
+        labels, teacher_labels: (B, T) shifted labels (-100 = ignored).
+        student_head_weight: (V_s, D_s); teacher_head_weight: (V_t, D_t); used detached.
+        t2s_proj: D_t -> D_s; s2t_proj: D_s -> D_t.
+        kd_divergence: student-space divergence. temperature: tau. tau_squared: scale by tau^2.
+
+    Returns:
+        dict with ``kd`` (differentiable total) and detached ``t2s_ce_loss``, ``t2s_kd_loss``,
+        ``s2t_kd_loss``, ``t2s_acc``, ``s2t_acc`` (token sums / counts).
+    """
+    if student_hidden.shape[:2] != teacher_hidden.shape[:2]:
+        raise ValueError(f"dual_space_kd: student and teacher sequences must have the same positions "
+                         f"(same tokenizer), got hidden {tuple(student_hidden.shape)} and "
+                         f"{tuple(teacher_hidden.shape)}; use dual_space_kd_with_cma across tokenizers")
+    m_s, m_t = label_mask(labels), label_mask(teacher_labels)
+    # student space: project the teacher's hidden states, read them with the student head
+    h_t2s = run_projector(t2s_proj, teacher_hidden.detach())                   # (B, T, D_s)
+    z_t2s = head_logits(h_t2s, student_head_weight)                            # (B, T, V_s)
+    t2s_ce, _ = cross_entropy_sum(z_t2s, labels)
+    t2s_kd = masked_sum(kd_divergence(student_logits, z_t2s.detach(), temperature=temperature,
+                                      tau_squared=tau_squared), m_s)
+    # teacher space: project the student's hidden states, read them with the teacher head
+    h_s2t = run_projector(s2t_proj, student_hidden)                            # (B, T, D_t)
+    z_s2t = head_logits(h_s2t, teacher_head_weight)                            # (B, T, V_t)
+    s2t_kd = masked_sum(forward_kl(z_s2t, teacher_logits.detach(), temperature=temperature,
+                                   tau_squared=tau_squared), m_t)
+    with torch.no_grad():
+        t2s_acc = (z_t2s.argmax(-1).eq(labels) & m_s).sum()
+        s2t_acc = (z_s2t.argmax(-1).eq(teacher_labels) & m_t).sum() * m_s.sum() / m_t.sum().clamp_min(1)
+    return {"kd": t2s_ce + t2s_kd + s2t_kd, "t2s_ce_loss": t2s_ce.detach(),
+            "t2s_kd_loss": t2s_kd.detach(), "s2t_kd_loss": s2t_kd.detach(),
+            "t2s_acc": t2s_acc, "s2t_acc": s2t_acc}
+
+
+@register_criterion("dual_space_kd")
+class DualSpaceKD(Criterion):
+    """DSKD (same vocabulary); trainable projectors ``t2s`` and ``s2t``."""
+
+    needs_teacher = True
+    needs_hidden = True
+
+    def __init__(self, student_hidden: int, teacher_hidden: int, *, kd_rate: float = 0.5,
+                 kd_objective: str = "forward_kl", kd_temperature: float = 1.0,
+                 tau_squared: bool = False, label_smoothing: float = 0.0,
+                 loss_combination: str = "published", adaptive_kl_alpha: float = 0.5,
+                 skew_lambda: float = 0.1, projector_config_path: str | None = None,
+                 projector_path: str | None = None):
+        super().__init__()
+        self.projectors = build_projectors(DSKD_PROJECTORS, student_hidden, teacher_hidden,
+                                           config_path=projector_config_path)
+        if projector_path:
+            load_projector_weights(self.projectors, projector_path)
+        self.divergence = get_divergence(kd_objective, adaptive_kl_alpha=adaptive_kl_alpha,
+                                         skew_lambda=skew_lambda)
+        self.kd_rate, self.kd_temperature, self.tau_squared = kd_rate, kd_temperature, tau_squared
+        self.label_smoothing, self.loss_combination = label_smoothing, loss_combination
+
+    @classmethod
+    def from_args(cls, args, dims: ModelDims, resources=None) -> "DualSpaceKD":
+        cfg = (getattr(resources, "projector_config_path", None)
+               or getattr(args, "projector_config_path", None))
+        return cls(dims.student_hidden, dims.teacher_hidden, kd_rate=args.kd_rate,
+                   kd_objective=args.kd_objective, kd_temperature=args.kd_temperature,
+                   tau_squared=getattr(args, "kd_temperature_scaling", False),
+                   label_smoothing=getattr(args, "label_smoothing", 0.0),
+                   loss_combination=getattr(args, "loss_combination", "published"),
+                   adaptive_kl_alpha=getattr(args, "adaptive_kl_alpha", 0.5),
+                   skew_lambda=getattr(args, "skew_lambda", 0.1), projector_config_path=cfg,
+                   projector_path=getattr(args, "projector_path", None))
+
+    def forward(self, batch: dict[str, torch.Tensor], student: ModelView,
+                teacher: ModelView | None) -> CriterionOutput:
+        h_s = require_hidden(student, "student", "dual_space_kd")
+        h_t = require_hidden(teacher, "teacher", "dual_space_kd")
+        labels = batch["labels"]
+        ce, metrics = sft_terms(student.logits, labels, self.label_smoothing)
+        terms = dskd_losses(
+            student_logits=student.logits, student_hidden=h_s, teacher_logits=teacher.logits,
+            teacher_hidden=h_t, labels=labels, teacher_labels=teacher_labels(batch),
+            student_head_weight=student.lm_head_weight, teacher_head_weight=teacher.lm_head_weight,
+            t2s_proj=self.projectors["t2s"], s2t_proj=self.projectors["s2t"],
+            kd_divergence=self.divergence, temperature=self.kd_temperature,
+            tau_squared=self.tau_squared)
+        kd = terms.pop("kd")
+        loss = combine_losses(ce, kd, self.kd_rate, self.loss_combination, "interpolate")
+        metrics.update(terms, kd_loss=kd.detach(), loss=loss.detach())
+        return CriterionOutput(loss, count_tokens(labels), metrics)
