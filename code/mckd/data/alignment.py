@@ -99,9 +99,10 @@ def dtw_accumulated(cost: np.ndarray) -> np.ndarray:
     Row ``i`` given row ``i-1``: with ``a_j = c_ij + min(D[i-1,j], D[i-1,j-1])`` the recurrence
     ``D[i,j] = min(a_j, c_ij + D[i,j-1])`` unrolls to ``D[i,j] = S_j + min_{k<=j}(a_k - S_k)``
     with ``S`` the cumulative sum of row ``i`` of ``c``: one prefix sum and one running minimum.
+    ``S`` and ``c - S`` are computed for all rows at once, leaving four ufunc calls per row.
     The loop runs over the shorter side (the recurrence is symmetric under transposition).
     """
-    c = np.asarray(cost, dtype=np.int64)
+    c = np.ascontiguousarray(cost, dtype=np.int64)  # row slices below must be contiguous
     if c.ndim != 2:
         raise ValueError(f"DTW cost must be 2-D, got shape {c.shape}")
     if c.shape[0] > c.shape[1]:
@@ -110,44 +111,49 @@ def dtw_accumulated(cost: np.ndarray) -> np.ndarray:
     D = np.empty((n, m), dtype=np.int64)
     if n == 0 or m == 0:
         return D
-    D[0] = np.cumsum(c[0])
+    S = np.cumsum(c, axis=1)      # (N, M) row prefix sums
+    cs = c - S                    # (N, M) c_ij - S_ij
+    D[0] = S[0]
+    best = np.empty(m, dtype=np.int64)
+    a = np.empty(m, dtype=np.int64)
     for i in range(1, n):
         prev = D[i - 1]
-        best = prev.copy()
+        best[0] = prev[0]
         np.minimum(prev[1:], prev[:-1], out=best[1:])
-        a = c[i] + best
-        s = np.cumsum(c[i])
-        D[i] = s + np.minimum.accumulate(a - s)
+        np.add(cs[i], best, out=a)             # a_j - S_j
+        np.minimum.accumulate(a, out=a)
+        np.add(a, S[i], out=D[i])
     return D
 
 
 def dtw_path(cost: np.ndarray) -> list[tuple[int, int]]:
     """Warping path of the published DTW for a local cost (N, M): ``(i, j)`` pairs from (0, 0) to
     (N-1, M-1). Backtracking is greedy from the end: move to the smallest of the diagonal, up
-    (i-1) and left (j-1) neighbours of ``D``, ties in that order."""
+    (i-1) and left (j-1) neighbours of ``D``, ties in that order. The walk (at most N+M steps)
+    reads ``D`` through a memoryview, which costs far less than the O(N·M) fill."""
     D = dtw_accumulated(cost)
     n, m = D.shape
     if n == 0 or m == 0:
         return []
-    # move[i, j] for every cell, vectorised: 0 diagonal, 1 up, 2 left
-    move = np.full((n, m), 2, dtype=np.uint8)  # row 0: only left
-    move[1:, 0] = 1                              # column 0: only up
-    if n > 1 and m > 1:
-        diag, up, left = D[:-1, :-1], D[:-1, 1:], D[1:, :-1]
-        inner = np.where((diag <= up) & (diag <= left), 0, np.where(up <= left, 1, 2))
-        move[1:, 1:] = inner
-    mv = move.tobytes()
+    d = memoryview(np.ascontiguousarray(D).reshape(-1))
     i, j = n - 1, m - 1
     path = [(i, j)]
-    while i > 0 or j > 0:
-        step = mv[i * m + j]
-        if step == 0:
+    while i > 0 and j > 0:
+        k = i * m + j
+        diag, up, left = d[k - m - 1], d[k - m], d[k - 1]
+        if diag <= up and diag <= left:
             i -= 1
             j -= 1
-        elif step == 1:
+        elif up <= left:
             i -= 1
         else:
             j -= 1
+        path.append((i, j))
+    while i > 0:      # column 0: only up
+        i -= 1
+        path.append((i, j))
+    while j > 0:      # row 0: only left
+        j -= 1
         path.append((i, j))
     path.reverse()
     return path
