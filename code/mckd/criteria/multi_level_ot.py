@@ -1,0 +1,181 @@
+"""``multi_level_ot``: Multi-Level OT baseline (Cui et al. 2025) as in the MCW-KD code (spec 6.6).
+
+After response-start alignment (:func:`~mckd.criteria.universal_logit_distillation.
+response_start_alignment`), each position's logits are scaled by their std over the vocabulary,
+softened with temperature 2 and reduced to their K = 50 largest probabilities, ranked:
+
+    token level:    L1  = sum_k |p_k - q_k|,   KL = -sum_k q_k log p_k   (KL without teacher entropy)
+    sequence level: OT  = <P, W>,  W_ij = sum_k |p_k(i) - q_k(j)| over the aligned positions,
+                          P = Sinkhorn(W, eps = 0.1, 10 iterations, uniform marginals)
+    multi = L1 + 0.1 KL + 0.1 * 0.001 * OT,        loss = CE + l * multi   (published: additive)
+
+``variant="fixed"`` (default) differs from the published code (``variant="published"``) in:
+
+* M24: no second softmax. The published code applied ``softmax(. / 2)`` to *probabilities*
+  again inside the OT and ``log_softmax`` to probabilities in the KL, which makes both nearly
+  uniform; here the OT and KL use the top-k probabilities themselves.
+* M26: the published top-k used ONE vocabulary permutation for the whole batch (ordered by mass
+  summed over every position, padding included), its L1/KL means and OT ran over all positions
+  including prompt and padding, and the loss was that global scalar times the number of valid
+  tokens. Here top-k is per position, L1 and KL are token sums over the aligned response pairs,
+  the OT of each example has uniform marginals over its aligned pairs and enters as
+  ``n_b * OT_b`` (a per-sequence term on the token-sum scale; the published sum over examples
+  times the token count grew with the batch size).
+* M25: accuracy is the usual token accuracy (the published one compared unrolled logits with
+  rolled labels).
+
+``variant="published"`` reproduces the published formulas on the tensors it receives (all
+``min(T_s, T_t)`` rolled positions, with wrap-around like ``torch.roll``). With our dynamic
+padding the padded length is not the published 512, so the published variant still differs
+numerically from a published run; it exists to measure what the fixes change.
+"""
+from __future__ import annotations
+
+import torch
+
+from mckd.criteria.base import Criterion, CriterionOutput, ModelDims, ModelView, register_criterion
+from mckd.criteria.common import combine_losses, count_tokens, masked_sum, teacher_labels, upcast
+from mckd.criteria.cross_entropy import sft_terms
+from mckd.criteria.universal_logit_distillation import gather_positions, response_start_alignment
+from mckd.ot.sinkhorn import sinkhorn
+
+MLOT_VARIANTS = ("fixed", "published")
+
+
+def std_scaled(logits: torch.Tensor) -> torch.Tensor:
+    """Divide each position's logits by their (unbiased) std over the vocabulary, no centring."""
+    z = upcast(logits)
+    return z / z.std(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+def _top_k_probs(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
+    """(B, N, V) logits -> (B, N, K) largest probabilities of softmax(std_scaled / T), descending."""
+    p = torch.softmax(std_scaled(logits) / temperature, dim=-1)
+    return p.topk(min(top_k, p.shape[-1]), dim=-1).values
+
+
+def _pad_vocab(p: torch.Tensor, k: int) -> torch.Tensor:
+    return p if p.shape[-1] == k else torch.nn.functional.pad(p, (0, k - p.shape[-1]))
+
+
+def multi_level_ot_fixed(zs: torch.Tensor, zt: torch.Tensor, valid: torch.Tensor, *,
+                         temperature: float = 2.0, top_k: int = 50, sinkhorn_eps: float = 0.1,
+                         sinkhorn_iters: int = 10) -> dict[str, torch.Tensor]:
+    """Token sums of the three levels on aligned positions.
+
+    Args:
+        zs: (B, N, V_s) student logits at the aligned positions.
+        zt: (B, N, V_t) teacher logits at the aligned positions.
+        valid: (B, N) bool, aligned supervised pairs.
+
+    Returns:
+        dict with ``multi`` (differentiable) and detached ``l1``, ``kl``, ``ot`` token sums.
+    """
+    p = _top_k_probs(zs, temperature, top_k)                                  # (B, N, K)
+    with torch.no_grad():
+        q = _top_k_probs(zt.detach(), temperature, top_k)
+    k = max(p.shape[-1], q.shape[-1])
+    p, q = _pad_vocab(p, k), _pad_vocab(q, k)
+    l1 = masked_sum((p - q).abs().sum(-1), valid)
+    kl = masked_sum(-(q * torch.log(p.clamp_min(1e-30))).sum(-1), valid)
+    cost = torch.cdist(p, q, p=1)                                             # (B, N, N)
+    ot = sinkhorn(cost, valid, valid, epsilon=sinkhorn_eps, n_iters=sinkhorn_iters,
+                  grad="unrolled").value                                      # (B,)
+    ot_tok = (ot * valid.sum(1)).sum()                                        # n_b * OT_b
+    multi = l1 + 0.1 * kl + 0.1 * 0.001 * ot_tok
+    return {"multi": multi, "l1": l1.detach(), "kl": kl.detach(), "ot": ot_tok.detach()}
+
+
+def _published_sinkhorn(cost: torch.Tensor, reg: float, iters: int) -> torch.Tensor:
+    """The published row-then-column scaling on exp(-C/reg), batched. (B, M, N) -> plan."""
+    P = torch.exp(-cost / reg)
+    P = P / P.sum(dim=(1, 2), keepdim=True)
+    M, N = cost.shape[1:]
+    for _ in range(iters):
+        P = P * ((1.0 / M) / P.sum(dim=2, keepdim=True))
+        P = P * ((1.0 / N) / P.sum(dim=1, keepdim=True))
+    return P
+
+
+def multi_level_ot_published(zs: torch.Tensor, zt: torch.Tensor, valid: torch.Tensor, *,
+                             temperature: float = 2.0, top_k: int = 50, sinkhorn_eps: float = 0.1,
+                             sinkhorn_iters: int = 10) -> dict[str, torch.Tensor]:
+    """The published formulas (see module docstring); ``valid`` only counts the tokens."""
+    p = torch.softmax(std_scaled(zs) / temperature, dim=-1)                  # (B, N, V_s)
+    with torch.no_grad():
+        q = torch.softmax(std_scaled(zt.detach()) / temperature, dim=-1)
+    # one global permutation per side, by mass over every position (padding included)
+    k_s, k_t = min(top_k, p.shape[-1]), min(top_k, q.shape[-1])
+    p = p.index_select(-1, p.detach().sum(dim=(0, 1)).topk(k_s).indices)
+    q = q.index_select(-1, q.sum(dim=(0, 1)).topk(k_t).indices)
+    k = max(k_s, k_t)
+    p, q = _pad_vocab(p, k), _pad_vocab(q, k)
+    ps, qs = torch.softmax(p / temperature, -1), torch.softmax(q / temperature, -1)  # 2nd softmax
+    cost = torch.cdist(ps, qs, p=1)
+    plan = _published_sinkhorn(cost, sinkhorn_eps, sinkhorn_iters)
+    ot = 0.1 * (0.001 * (plan * cost).sum())
+    kl = 0.1 * -(q * torch.log_softmax(p, dim=-1)).sum(-1).mean()
+    l1 = (p - q).abs().sum(-1).mean()
+    n_valid = valid.sum()
+    multi = (ot + kl + l1) * n_valid
+    return {"multi": multi, "l1": (l1 * n_valid).detach(), "kl": (kl * n_valid).detach(),
+            "ot": (ot * n_valid).detach()}
+
+
+@register_criterion("multi_level_ot")
+class MultiLevelOT(Criterion):
+    """Multi-Level OT baseline (cross tokenizer, no projectors)."""
+
+    needs_teacher = True
+    cross_tokenizer = True
+
+    def __init__(self, kd_rate: float = 0.5, label_smoothing: float = 0.0,
+                 loss_combination: str = "published", variant: str = "fixed",
+                 temperature: float = 2.0, top_k: int = 50, sinkhorn_eps: float = 0.1,
+                 sinkhorn_iters: int = 10):
+        super().__init__()
+        if variant not in MLOT_VARIANTS:
+            raise ValueError(f"--mlot-variant: unknown value {variant!r}; choose one of "
+                             f"{', '.join(MLOT_VARIANTS)}")
+        self.kd_rate, self.label_smoothing = kd_rate, label_smoothing
+        self.loss_combination, self.variant = loss_combination, variant
+        self.options = dict(temperature=temperature, top_k=top_k, sinkhorn_eps=sinkhorn_eps,
+                            sinkhorn_iters=sinkhorn_iters)
+
+    @classmethod
+    def add_args(cls, parser) -> None:
+        g = parser.add_argument_group("multi_level_ot (hard-coded in the published code)")
+        g.add_argument("--mlot-variant", choices=MLOT_VARIANTS, default="fixed",
+                       help="fixed: per-token top-k, masks, no double softmax; published: as published")
+        g.add_argument("--mlot-temperature", type=float, default=2.0, help="softmax temperature")
+        g.add_argument("--mlot-top-k", type=int, default=50, help="ranked probabilities compared")
+        g.add_argument("--mlot-sinkhorn-eps", type=float, default=0.1, help="Sinkhorn regularisation")
+        g.add_argument("--mlot-sinkhorn-iters", type=int, default=10, help="Sinkhorn iterations")
+
+    @classmethod
+    def from_args(cls, args, dims: ModelDims, resources=None) -> "MultiLevelOT":
+        return cls(kd_rate=args.kd_rate, label_smoothing=getattr(args, "label_smoothing", 0.0),
+                   loss_combination=getattr(args, "loss_combination", "published"),
+                   variant=getattr(args, "mlot_variant", "fixed"),
+                   temperature=getattr(args, "mlot_temperature", 2.0),
+                   top_k=getattr(args, "mlot_top_k", 50),
+                   sinkhorn_eps=getattr(args, "mlot_sinkhorn_eps", 0.1),
+                   sinkhorn_iters=getattr(args, "mlot_sinkhorn_iters", 10))
+
+    def forward(self, batch: dict[str, torch.Tensor], student: ModelView,
+                teacher: ModelView | None) -> CriterionOutput:
+        if teacher is None:
+            raise ValueError("multi_level_ot: needs a teacher, but teacher=None")
+        labels = batch["labels"]
+        ce, metrics = sft_terms(student.logits, labels, self.label_smoothing)
+        published = self.variant == "published"
+        idx_s, idx_t, valid = response_start_alignment(labels, teacher_labels(batch), wrap=published)
+        zs = gather_positions(student.logits, idx_s)                          # (B, N, V_s)
+        zt = gather_positions(teacher.logits, idx_t)                          # (B, N, V_t)
+        fn = multi_level_ot_published if published else multi_level_ot_fixed
+        terms = fn(zs, zt, valid, **self.options)
+        multi = terms.pop("multi")
+        loss = combine_losses(ce, multi, self.kd_rate, self.loss_combination, "additive")
+        metrics.update({f"mlot_{k}": v for k, v in terms.items()})
+        metrics.update(kd_loss=multi.detach(), loss=loss.detach())
+        return CriterionOutput(loss, count_tokens(labels), metrics)
