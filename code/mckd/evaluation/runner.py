@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mckd.data.examples import encode_prompt, read_examples
+from mckd.data.prompts import build_prompt_dataset
 from mckd.evaluation.distributed import DistContext
 from mckd.evaluation.generate import batch_seed, generate_one_batch, generation_kwargs, plan_batches
 from mckd.evaluation.metrics import exact_match, rouge_l
@@ -107,9 +107,9 @@ def resolve_data_file(data_dir: str | os.PathLike, dataset: str, model_type: str
 
 def load_prompt_set(path: Path, name: str, tokenizer, max_prompt_length: int, limit: int = -1) -> PromptSet:
     """Read the jsonl and tokenize prompts (tail-keeping truncation, see ``encode_prompt``)."""
-    examples = read_examples(path, limit=limit)
-    ids = [encode_prompt(tokenizer, ex.prompt, max_prompt_length) for ex in examples]
-    return PromptSet(name=name, path=path, prompt_ids=ids, references=[ex.outputs for ex in examples])
+    rows = build_prompt_dataset(path, tokenizer, max_prompt_length=max_prompt_length, limit=limit)
+    return PromptSet(name=name, path=path, prompt_ids=[r["prompt_ids"] for r in rows],
+                     references=[tuple(r["references"]) for r in rows])
 
 
 def teacher_forced_loss(model, prompt_ids: list[list[int]], answer_ids: list[list[int]], *, pad_id: int,
