@@ -214,3 +214,15 @@ def test_real_dolly_dev(tmp_path, toks, student, teacher):
     batch = DistillCollator(s.pad_token_id, t.pad_token_id)([ds[i] for i in range(16)])
     check_side(batch, "", s, texts(recs))
     check_side(batch, "teacher_", t, texts(recs))
+
+
+@pytest.mark.slow
+def test_num_proc_workers_give_the_same_rows(tmp_path, toks):
+    s, t = toks("gpt2"), toks("qwen")
+    path = write_jsonl(tmp_path / "train.jsonl", RECORDS * 2)
+    kw = dict(student_tokenizer=s, teacher_tokenizer=t, alignment=("mined_dtw", "dtw"))
+    one = build_dataset(path, cache_dir=tmp_path / "a", **kw)
+    two = build_dataset(path, cache_dir=tmp_path / "b", num_proc=2, **kw)
+    assert [one[i] for i in range(len(one))] == [two[i] for i in range(len(two))]
+    assert one.lengths() == [len(one[i]["input_ids"]) for i in range(len(one))]
+    assert one.lengths("teacher") == [len(one[i]["teacher_input_ids"]) for i in range(len(one))]

@@ -123,7 +123,12 @@ def _process_batch(batch, *, student_tokenizer, teacher_tokenizer, max_prompt_le
 
 
 def _features(has_teacher: bool, alignment: tuple[str, ...]):
-    from datasets import Features, List, Value
+    from datasets import Features, Value
+
+    try:
+        from datasets import List
+    except ImportError:  # datasets < 4
+        from datasets import Sequence as List
 
     f = {"example_index": Value("int64")}
     for pre in ("", "teacher_") if has_teacher else ("",):
@@ -160,6 +165,13 @@ class DistillDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return self.hf[int(i)]
+
+    def lengths(self, side: str = "student") -> list[int]:
+        """Input lengths per row (``side`` "student" or "teacher"), e.g. for length bucketing."""
+        col = "input_ids" if side == "student" else "teacher_input_ids"
+        if col not in self.hf.column_names:
+            raise ValueError(f"DistillDataset.lengths: no {side} side in this dataset")
+        return [len(x) for x in self.hf[col]]
 
 
 def build_dataset(path, *, student_tokenizer, teacher_tokenizer=None, max_length: int = 512,
