@@ -84,3 +84,33 @@ def write_data(d: Path, n_train: int = 24, n_dev: int = 6) -> Path:
                 out = " ".join(words[(i + k) % 8] for k in range(1 + i % 4))
                 f.write(json.dumps({"instruction": instr, "input": "", "output": out}) + "\n")
     return d
+
+
+class NaNAt(Criterion):
+    """Token-summed CE that turns non-finite on the forward calls (0-based, counted per process)
+    listed in ``NaNAt.bad_calls``."""
+
+    bad_calls: set = set()
+    calls = 0
+
+    def forward(self, batch, student, teacher):
+        loss, n = _ce_sum(student.logits, batch["labels"])
+        if NaNAt.calls in NaNAt.bad_calls:
+            loss = loss * float("nan")
+        NaNAt.calls += 1
+        return CriterionOutput(loss, n, {})
+
+
+_register("test_nan", NaNAt)
+
+
+def train_argv(model, data, out, *extra, criterion="cross_entropy"):
+    """A small, fast training command line."""
+    return ["--model-path", str(model), "--data-dir", str(data), "--save-dir", str(out),
+            "--criterion", criterion, "--lr", "1e-3", "--batch-size", "2",
+            "--gradient-accumulation-steps", "2", "--max-length", "48", "--max-prompt-length", "32",
+            "--num-workers", "0", "--log-interval", "1", "--eval-batch-size", "4", *extra]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -190,16 +190,16 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Strip DDP / DeepSpeed (``.module``) wrappers. PEFT models are kept: they delegate
-    ``get_input_embeddings``/``get_output_embeddings`` to the base model."""
+    """Strip DDP / DeepSpeed (``.module``) wrappers (PEFT models are kept)."""
     while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module):
         model = model.module
     return model
 
 
 def model_view(model: nn.Module, outputs: Any, *, with_hidden: bool) -> ModelView:
-    """Wrap HF outputs for a criterion: logits, last hidden state, embedding table and head."""
-    base = unwrap(model)
+    """Wrap HF outputs for a criterion: logits, last hidden state, embedding table and head
+    (found through :mod:`mckd.models.access`, which unwraps PEFT/DDP/DeepSpeed)."""
+    from mckd.models import access
+
     hidden = outputs.hidden_states[-1] if with_hidden else None
-    return ModelView(logits=outputs.logits, hidden=hidden, embed_tokens=base.get_input_embeddings(),
-                     lm_head=base.get_output_embeddings())
+    return access.model_view(model, outputs.logits, hidden)

@@ -287,6 +287,8 @@ class Trainer:
             else torch.tensor(float(out.n_tokens), device=out.loss_sum.device))
         add("micro_batches", torch.ones((), device=out.loss_sum.device))
         for k, v in out.metrics.items():
+            if k in ("loss", "tokens", "micro_batches"):  # the loop's own keys
+                continue
             add(k, v if torch.is_tensor(v) else torch.tensor(float(v), device=out.loss_sum.device))
 
     def _reduce_log(self, acc: dict) -> dict[str, float]:
@@ -336,24 +338,23 @@ class Trainer:
                         raise TrainingAborted(
                             f"{st['nan_streak']} consecutive non-finite steps (--nan-patience "
                             f"{t.nan_patience}); the last good state is saved in {self.save_dir}")
-                    continue
-                st["nan_streak"] = 0
-                st["global_step"] += 1
-                hooks.update(self.criterion.after_optimizer_step(dist.all_reduce_mean) or {})
-                if bar is not None:
-                    bar.update(1)
+                else:
+                    st["nan_streak"] = 0
+                    st["global_step"] += 1
+                    hooks.update(self.criterion.after_optimizer_step(dist.all_reduce_mean) or {})
+                    if bar is not None:
+                        bar.update(1)
                 step = st["global_step"]
-                if step % t.log_interval == 0 or step == self.run_steps:
+                if not skipped and (step % t.log_interval == 0 or step == self.run_steps):
                     last_log_t = self._log(acc, hooks, norm, last_log_t, bar)
                     acc, hooks = {}, {}
                 epoch_done = st["consumed"] >= self.ipe * gas
                 if epoch_done:
                     st["epoch"] += 1
                     st["consumed"] = 0
-                if self._due(step, epoch_done, t.eval_interval):
-                    dev = self.evaluate()
-                else:
-                    dev = None
+                if skipped and not epoch_done:
+                    continue
+                dev = self.evaluate() if self._due(step, epoch_done, t.eval_interval) else None
                 if self._due(step, epoch_done, t.save_interval):
                     self._save(dev=dev)
                     last_saved = step
