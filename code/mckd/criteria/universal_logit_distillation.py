@@ -138,5 +138,5 @@ class UniversalLogitDistillation(Criterion):
         ce, metrics = sft_terms(student.logits, labels, self.label_smoothing)
         uld = uld_loss(student.logits, teacher.logits, labels, teacher_labels(batch))
         loss = combine_losses(ce, uld, self.kd_rate, self.loss_combination, "interpolate")
-        metrics.update(uld_loss=uld.detach(), loss=loss.detach())
+        metrics.update(uld_loss=uld.detach(), kd_loss=uld.detach(), loss=loss.detach())
         return CriterionOutput(loss, count_tokens(labels), metrics)
