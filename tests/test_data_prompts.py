@@ -93,3 +93,20 @@ def test_real_eval_sets(gpt2_tok):
         rows = build_prompt_dataset(shared_path("data", *rel), gpt2_tok, limit=32)
         assert len(rows) == 32 and all(r["references"] for r in rows)
         assert all(len(r["prompt_ids"]) <= 256 for r in rows)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "mistral"])
+@pytest.mark.parametrize("limit", [8, 30, 60, 1000])
+def test_prompt_offsets_follow_the_kept_tokens(name, limit):
+    from mckd.data.examples import encode_prompt, encode_prompt_with_offsets
+
+    tok = load_tokenizer(str(hub_path(name)))
+    prompt = render_prompt("Summarise the text below in one line.", "lorem ipsum dolor " * 20)
+    ids, offs = encode_prompt_with_offsets(tok, prompt, limit)
+    assert ids == encode_prompt(tok, prompt, limit) and len(offs) == len(ids) <= limit
+    # the kept tokens are a head of the prompt then the marker tail; offsets point at their text
+    for i, (s, e) in zip(ids, offs):
+        piece = tok.decode([i]).strip()
+        if piece and "\ufffd" not in piece:
+            assert prompt[s:e].strip() == piece
+    assert offs[-1][1] == len(prompt)
