@@ -1,0 +1,136 @@
+"""The embedded default: determinism, schema, tokenizers and models (mckd.tiny)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from mckd.data.examples import read_examples, render_prompt
+from mckd.tiny.build import build
+from mckd.tiny.tasks import FAMILIES, generate_splits
+
+SMALL = {"train": 300, "dev": 20, "test": 30}
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    base = tmp_path_factory.mktemp("tiny")
+    manifest = build(base / "data", base / "models", sizes=SMALL, student_vocab=400, teacher_vocab=500)
+    return base, manifest
+
+
+def test_generation_is_deterministic_and_seed_dependent():
+    a, b = generate_splits(SMALL, seed=3), generate_splits(SMALL, seed=3)
+    assert a == b
+    assert generate_splits(SMALL, seed=4)["train"] != a["train"]
+
+
+def test_splits_are_disjoint_and_cover_every_family():
+    splits = generate_splits(SMALL, seed=0)
+    prompts = {k: {r["prompt"] for r in v} for k, v in splits.items()}
+    assert not prompts["train"] & prompts["test"]
+    assert not prompts["train"] & prompts["dev"]
+    assert not prompts["dev"] & prompts["test"]
+    assert {r["category"] for r in splits["train"]} == set(FAMILIES)
+    for rec in splits["train"]:
+        assert rec["prompt"] == render_prompt(rec["instruction"], rec["input"])
+        assert rec["output"].strip()
+
+
+def test_answers_are_correct_for_checkable_families():
+    for rec in generate_splits({"train": 200, "dev": 1, "test": 1}, seed=1)["train"]:
+        if rec["category"] == "sorting":
+            nums = [int(x) for x in rec["input"].split(", ")]
+            desc = "largest to smallest" in rec["instruction"]
+            assert [int(x) for x in rec["output"].split(", ")] == sorted(nums, reverse=desc)
+        elif rec["category"] == "reversal":
+            assert rec["output"].split() == rec["input"].split()[::-1]
+
+
+def test_unknown_family_is_reported():
+    with pytest.raises(ValueError, match="unknown task families"):
+        generate_splits(SMALL, families=("sorting", "poetry"))
+
+
+def test_build_is_deterministic(built, tmp_path):
+    base, _ = built
+    build(tmp_path / "data", tmp_path / "models", sizes=SMALL, student_vocab=400, teacher_vocab=500)
+    assert _digests(base / "data") == _digests(tmp_path / "data")
+    assert _digests(base / "models") == _digests(tmp_path / "models")
+
+
+def test_build_skips_when_up_to_date(built):
+    base, manifest = built
+    stamp = (base / "models" / "student" / "config.json").stat().st_mtime_ns
+    again = build(base / "data", base / "models", sizes=SMALL, student_vocab=400, teacher_vocab=500)
+    assert again == manifest
+    assert (base / "models" / "student" / "config.json").stat().st_mtime_ns == stamp
+
+
+def test_data_schema(built):
+    base, _ = built
+    for split, n in (("train", 300), ("dev", 20), ("test", 30), ("valid", 30)):
+        examples = read_examples(base / "data" / f"{split}.jsonl")
+        assert len(examples) == n
+        assert all(e.prompt.endswith("### Response:\n") for e in examples)
+    rec = json.loads((base / "data" / "train.jsonl").read_text().splitlines()[0])
+    assert set(rec) == {"instruction", "input", "output", "prompt", "category"}
+
+
+@pytest.mark.parametrize("which,eos", [("student", "<|endoftext|>"), ("teacher", "</s>")])
+def test_tokenizers_round_trip_with_offsets(built, which, eos):
+    from mckd.models.tokenizers import load_tokenizer
+
+    base, _ = built
+    tok = load_tokenizer(str(base / "models" / "tokenizers" / which))
+    assert tok.is_fast and tok.eos_token == eos and tok.pad_token_id is not None
+    for ex in read_examples(base / "data" / "test.jsonl")[:10]:
+        text = ex.prompt + ex.outputs[0]
+        enc = tok(text, return_offsets_mapping=True, add_special_tokens=False)
+        assert tok.decode(enc["input_ids"]) == text
+        # offsets are increasing and cover the text without gaps beyond the space markers
+        spans = enc["offset_mapping"]
+        assert all(a <= b for a, b in spans) and spans[-1][1] == len(text)
+        assert all(spans[i][1] <= spans[i + 1][0] for i in range(len(spans) - 1))
+
+
+def test_tokenizers_segment_differently(built):
+    from mckd.models.tokenizers import load_tokenizer
+
+    base, _ = built
+    s = load_tokenizer(str(base / "models" / "tokenizers" / "student"))
+    t = load_tokenizer(str(base / "models" / "tokenizers" / "teacher"))
+    text = read_examples(base / "data" / "test.jsonl")[0].prompt
+    s_spans = s(text, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
+    t_spans = t(text, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
+    assert s_spans != t_spans
+    assert s.get_vocab() != t.get_vocab()
+
+
+def test_models_load_and_match_tokenizers(built):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, manifest = built
+    expect = {"student": ("gpt2", "student"), "teacher": ("qwen2", "teacher"),
+              "teacher_same_vocab": ("gpt2", "student")}
+    for name, (model_type, tok_name) in expect.items():
+        path = base / "models" / name
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        ref = AutoTokenizer.from_pretrained(base / "models" / "tokenizers" / tok_name)
+        assert model.config.model_type == model_type
+        assert model.config.vocab_size == len(tok) and tok.get_vocab() == ref.get_vocab()
+        assert model.config.eos_token_id == tok.eos_token_id
+        assert sum(p.numel() for p in model.parameters()) == manifest["parameters"][name]
+        ids = torch.tensor([tok.encode("Sort the numbers.", add_special_tokens=False)])
+        assert model(input_ids=ids).logits.shape == (1, ids.shape[1], len(tok))
+    p = manifest["parameters"]
+    assert p["teacher"] > 4 * p["student"] and p["teacher_same_vocab"] > 4 * p["student"]
