@@ -56,7 +56,8 @@ def salience_cost(teacher_salience: torch.Tensor, student_salience: torch.Tensor
     Returns:
         (B, M, N).
     """
-    return (teacher_salience.float()[:, :, None] - student_salience.float()[:, None, :]).abs()
+    dtype = torch.promote_types(torch.promote_types(teacher_salience.dtype, student_salience.dtype), torch.float32)
+    return (teacher_salience.to(dtype)[:, :, None] - student_salience.to(dtype)[:, None, :]).abs()
 
 
 def context_mean(x: torch.Tensor, mask: torch.Tensor, window: int) -> torch.Tensor:

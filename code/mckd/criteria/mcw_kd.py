@@ -1,0 +1,244 @@
+"""``mcw_kd``: Multi-Cost Wasserstein KD (spec section 7; DESIGN section 4).
+
+    loss_sum = CE_sum + kd_rate * KD_CMA_sum + w_logits * OT_logits + w_hidden * OT_hidden
+
+* ``CE_sum``: token-summed cross-entropy of the student (weight 1 as published; ``--loss-combination
+  interpolate`` gives ``(1 - kd_rate) * CE``).
+* ``KD_CMA_sum``: the DSKD-CMA objective (spec 6.3), computed by the shared pure function of
+  :mod:`mckd.criteria.dual_space_kd_with_cma` with this criterion's ``query``/``s2t``/``t2s`` projectors.
+* ``OT_logits`` / ``OT_hidden``: batched multi-cost Sinkhorn terms (:mod:`mckd.criteria.mcw_ot`).
+  Scaling (``--mcw-ot-scaling``): ``per_example`` adds ``mean_b OT_b`` (published; after the loop's
+  division by the label-token count its weight is ~1/350 of CE's) and ``per_token`` adds
+  ``sum_b n_b OT_b`` with ``n_b`` the label tokens of example ``b`` (after the division: the
+  token-weighted mean of ``OT_b``, on the scale of per-token CE, so ``w_*`` mean what they say).
+
+Trainable parts (sub-modules, optimised in the projector-lr group, saved in checkpoints): the ``ot``
+projector (teacher hidden -> student space), the salience head ``Linear(D_s, 1)`` and the CMA
+projectors. Buffers (saved and restored): the two cost-weight vectors (rule: :mod:`mcw_weights`) and
+the schedule position ``progress = [optimizer step, total steps]``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+from torch import nn
+
+from mckd.criteria.base import Criterion, CriterionOutput, ModelView, register_criterion
+from mckd.criteria.common import (combine_losses, count_tokens, cross_entropy_sum, label_mask, require_hidden,
+                                  teacher_labels)
+from mckd.criteria.mcw_ot import (aligned_student_index, alignment_cost, cost_statistics, hidden_costs,
+                                  interpolation_weight, logit_costs, multi_cost_ot, topk_distributions)
+from mckd.criteria.mcw_presets import MCWOptions, add_mcw_args, options_from_args
+from mckd.criteria.mcw_weights import simplex_qp_weights
+from mckd.ot.costs import span_iou_cost
+
+logger = logging.getLogger(__name__)
+
+LOGIT_COST_NAMES = ("l2", "kl", "salience")
+HIDDEN_COST_NAMES = ("align", "ctx_l2", "ctx_cos")
+
+
+def build_ot_projector(teacher_hidden: int, student_hidden: int, config_path: str | None) -> nn.Module:
+    """The ``ot`` projector (teacher -> student space) of ``configs/projector_config.json``
+    (published structure ``"t-s"``: one Linear)."""
+    try:
+        import mckd.models.projectors as _proj
+    except ImportError:  # the projector module is optional for this criterion
+        _proj = None
+    if _proj is not None and hasattr(_proj, "build_projector") and config_path:
+        return _proj.build_projector("ot", config_path, student_hidden=student_hidden,
+                                     teacher_hidden=teacher_hidden)
+    return nn.Linear(teacher_hidden, student_hidden)
+
+
+@register_criterion("mcw_kd")
+class MCWKD(Criterion):
+    """Multi-Cost Wasserstein KD. See the module docstring and docs/mcw_kd.md."""
+
+    needs_teacher = True
+    needs_hidden = True
+    # The published edit-distance DTW cost comes precomputed from the data pipeline. Only the
+    # ``dtw`` alignment cost uses it; the instance attribute says whether this instance needs it.
+    alignment = ("dtw",)
+    cross_tokenizer = True
+
+    def __init__(self, *, student_hidden: int, teacher_hidden: int, options: MCWOptions | None = None,
+                 kd_rate: float = 0.5, loss_combination: str = "published", label_smoothing: float = 0.0,
+                 cma: nn.Module | None = None, projector_config_path: str | None = None):
+        super().__init__()
+        self.options = (options or MCWOptions()).validate()
+        self.kd_rate = float(kd_rate)
+        self.loss_combination = loss_combination
+        self.label_smoothing = float(label_smoothing)
+        self.alignment = ("dtw",) if self.options.align_cost == "dtw" else ()
+        self.ot_projector = build_ot_projector(teacher_hidden, student_hidden, projector_config_path)
+        self.salience_head = nn.Linear(student_hidden, 1)
+        # Holds the CMA projectors and computes KD_CMA; None means the CMA term is left out (tests of
+        # the OT terms alone, or kd_rate 0).
+        self.cma = cma
+        self.register_buffer("weights_logits", torch.tensor(self.options.weights_logits, dtype=torch.float32))
+        self.register_buffer("weights_hidden", torch.tensor(self.options.weights_hidden, dtype=torch.float32))
+        self.register_buffer("progress", torch.zeros(2, dtype=torch.long))
+        self.step, self.total_steps = 0, 0
+        self._stat_sum: torch.Tensor | None = None    # (2, 3) local, reset at every weight update
+        self._stat_count: torch.Tensor | None = None  # (2,)
+        self.register_load_state_dict_post_hook(_sync_progress_after_load)
+
+    # ------------------------------------------------------------------ construction from the CLI
+    @classmethod
+    def add_args(cls, parser) -> None:
+        add_mcw_args(parser)
+
+    @classmethod
+    def from_args(cls, args, dims, resources) -> "MCWKD":
+        if dims.teacher_hidden is None:
+            raise ValueError("mcw_kd: needs a teacher (--teacher-model-path); teacher hidden size unknown")
+        opts = options_from_args(args)
+        kd_rate = float(getattr(args, "kd_rate", 0.5))
+        cma = _build_cma(args, dims, resources) if kd_rate != 0.0 else None
+        return cls(student_hidden=dims.student_hidden, teacher_hidden=dims.teacher_hidden, options=opts,
+                   kd_rate=kd_rate, loss_combination=getattr(args, "loss_combination", "published"),
+                   label_smoothing=float(getattr(args, "label_smoothing", 0.0)), cma=cma,
+                   projector_config_path=getattr(args, "projector_config_path", None))
+
+    # ------------------------------------------------------------------ schedule and weight rule
+    def set_progress(self, step: int, total_steps: int) -> None:
+        self.step, self.total_steps = int(step), int(total_steps)
+        self.progress[0], self.progress[1] = self.step, self.total_steps
+
+    def interpolation_t(self) -> float:
+        """Teacher share of the interpolated logit target at the current optimizer step."""
+        return interpolation_weight(self.step, self.total_steps, self.options.interp_start)
+
+    def after_optimizer_step(self, all_reduce_mean: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+        """Every ``update_interval`` optimizer steps: rank-averaged statistics -> QP -> new weights."""
+        interval = self.options.update_interval
+        if interval <= 0 or (self.step + 1) % interval != 0:
+            return {}
+        dev = self.weights_logits.device
+        sums = self._stat_sum if self._stat_sum is not None else torch.zeros(2, 3, device=dev)
+        counts = self._stat_count if self._stat_count is not None else torch.zeros(2, device=dev)
+        sums, counts = all_reduce_mean(sums.clone()), all_reduce_mean(counts.clone())
+        means = sums / counts.clamp_min(1e-12)[:, None]                                 # (2, 3)
+        qp = simplex_qp_weights(means, sigma=self.options.qp_sigma, floor=self.options.qp_floor)
+        m = self.options.weight_momentum
+        old = torch.stack([self.weights_logits, self.weights_hidden]).float()
+        new = torch.where(counts[:, None] > 0, m * old + (1.0 - m) * qp, old)          # no data: keep
+        with torch.no_grad():
+            self.weights_logits.copy_(new[0])
+            self.weights_hidden.copy_(new[1])
+        self._stat_sum, self._stat_count = None, None
+        out = {f"mcw/w_logits_{n}": new[0, i] for i, n in enumerate(LOGIT_COST_NAMES)}
+        out.update({f"mcw/w_hidden_{n}": new[1, i] for i, n in enumerate(HIDDEN_COST_NAMES)})
+        return out
+
+    def _accumulate(self, family: int, sums: torch.Tensor, count: torch.Tensor) -> None:
+        if self._stat_sum is None:
+            self._stat_sum = torch.zeros(2, 3, device=sums.device)
+            self._stat_count = torch.zeros(2, device=sums.device)
+        self._stat_sum[family] += sums.float()
+        self._stat_count[family] += count.float()
+
+    # ------------------------------------------------------------------ the loss
+    def positions(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(teacher (B, T_t), student (B, T_s)) bool masks of the positions taking part in the OT."""
+        if self.options.positions == "response":
+            return label_mask(teacher_labels(batch)), label_mask(batch["labels"])
+        t_att = batch.get("teacher_attention_mask", batch["attention_mask"])
+        return t_att.bool(), batch["attention_mask"].bool()
+
+    def ot_terms(self, batch: dict[str, torch.Tensor], student: ModelView, teacher: ModelView) -> dict:
+        """Both OT terms. Returns per-example values (B,) ``ot_logits``/``ot_hidden`` (with gradient),
+        the cost lists, plans and eps (for tests and statistics)."""
+        o = self.options
+        h_s = require_hidden(student, "student", "mcw_kd")                               # (B, T_s, D_s)
+        h_t = require_hidden(teacher, "teacher", "mcw_kd")                               # (B, T_t, D_t)
+        t_mask, s_mask = self.positions(batch)
+        T_t, T_s = h_t.shape[1], h_s.shape[1]
+        if teacher.logits.shape[1] != T_t or student.logits.shape[1] != T_s:
+            raise ValueError(f"mcw_kd: logits and hidden lengths differ: student {tuple(student.logits.shape)} vs "
+                             f"{tuple(h_s.shape)}, teacher {tuple(teacher.logits.shape)} vs {tuple(h_t.shape)}")
+        g = self.ot_projector(h_t.detach().to(self.ot_projector.weight.dtype))        # (B, T_t, D_s)
+        sal_w = self.salience_head.weight.dtype
+        with torch.autocast(device_type=h_s.device.type, enabled=False):
+            align = alignment_cost(batch, o.align_cost, T_t, T_s)                       # (B, T_t, T_s)
+            pairing = None
+            if o.interp_pairing == "aligned":
+                spans = align if o.align_cost == "span_iou" else span_iou_cost(batch["teacher_offsets"],
+                                                                               batch["offsets"])
+                pairing = aligned_student_index(spans, s_mask)                          # (B, T_t)
+            p_s, p_t = topk_distributions(student.logits, teacher.logits, k=o.top_k, temperature=o.seq_temperature,
+                                          t=self.interpolation_t(), pairing=pairing, detach_student=o.interp_detach)
+            sal_s = torch.sigmoid(self.salience_head(h_s.to(sal_w)).squeeze(-1))        # (B, T_s)
+            sal_t = torch.sigmoid(self.salience_head(g.to(sal_w)).squeeze(-1))          # (B, T_t)
+            lc = logit_costs(p_t, p_s, sal_t, sal_s)
+            hc = hidden_costs(g, h_s, t_mask, s_mask, align, o.window)
+            kw = dict(epsilon=o.epsilon, epsilon_mode=o.epsilon_mode, n_iters=o.sinkhorn_iters, grad=o.sinkhorn_grad)
+            ot_l = multi_cost_ot(lc, self.weights_logits, t_mask, s_mask, **kw)
+            ot_h = multi_cost_ot(hc, self.weights_hidden, t_mask, s_mask, **kw)
+        return dict(ot_logits=ot_l.value, ot_hidden=ot_h.value, logit_costs=lc, hidden_costs=hc,
+                    plan_logits=ot_l.result.plan, plan_hidden=ot_h.result.plan, eps_logits=ot_l.epsilon,
+                    eps_hidden=ot_h.epsilon, masks=(t_mask, s_mask),
+                    marginal_error=torch.maximum(ot_l.result.marginal_error, ot_h.result.marginal_error))
+
+    def scale_ot(self, values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-example OT values (B,) -> the token-sum scale of ``loss_sum`` (``--mcw-ot-scaling``)."""
+        if self.options.ot_scaling == "per_token":
+            return (values * label_mask(labels).sum(1).to(values.dtype)).sum()
+        return values.sum() / max(values.shape[0], 1)
+
+    def forward(self, batch: dict[str, torch.Tensor], student: ModelView,
+                teacher: ModelView | None) -> CriterionOutput:
+        if teacher is None:
+            raise ValueError("mcw_kd: needs a teacher, but the loop passed teacher=None")
+        o = self.options
+        labels = batch["labels"]
+        n_tokens = count_tokens(labels)
+        ce, nll = cross_entropy_sum(student.logits, labels, self.label_smoothing)
+        metrics: dict[str, torch.Tensor] = {"nll_loss": nll.detach()}
+        if self.cma is not None:
+            kd, cma_metrics = self.cma.kd_term(batch, student, teacher)
+            metrics.update(cma_metrics)
+            base = combine_losses(ce, kd, self.kd_rate, self.loss_combination, "additive")
+            metrics["kd_loss"] = kd.detach()
+        else:
+            base = ce if self.loss_combination != "interpolate" else (1.0 - self.kd_rate) * ce
+        ot = self.ot_terms(batch, student, teacher)
+        ot_l, ot_h = self.scale_ot(ot["ot_logits"], labels), self.scale_ot(ot["ot_hidden"], labels)
+        loss = base + o.w_logits * ot_l + o.w_hidden * ot_h
+        t_mask, s_mask = ot["masks"]
+        for fam, (costs, plan) in enumerate(((ot["logit_costs"], ot["plan_logits"]),
+                                             (ot["hidden_costs"], ot["plan_hidden"]))):
+            sums, count = cost_statistics(costs, plan, t_mask, s_mask, o.weight_statistic)
+            self._accumulate(fam, sums, count)
+            names = LOGIT_COST_NAMES if fam == 0 else HIDDEN_COST_NAMES
+            prefix = "logits" if fam == 0 else "hidden"
+            for i, n in enumerate(names):
+                metrics[f"stat/c_{prefix}_{n}"] = sums[i] / count.clamp_min(1)
+        metrics.update({
+            "ot_logits": ot_l.detach(), "ot_hidden": ot_h.detach(),
+            "stat/ot_logits_per_example": ot["ot_logits"].detach().mean(),
+            "stat/ot_hidden_per_example": ot["ot_hidden"].detach().mean(),
+            "stat/eps_logits": ot["eps_logits"].mean(), "stat/eps_hidden": ot["eps_hidden"].mean(),
+            "stat/sinkhorn_marginal_error": ot["marginal_error"].max(),
+            "stat/interp_t": torch.tensor(self.interpolation_t(), device=loss.device),
+        })
+        for i, n in enumerate(LOGIT_COST_NAMES):
+            metrics[f"stat/w_logits_{n}"] = self.weights_logits[i].detach()
+        for i, n in enumerate(HIDDEN_COST_NAMES):
+            metrics[f"stat/w_hidden_{n}"] = self.weights_hidden[i].detach()
+        return CriterionOutput(loss_sum=loss, n_tokens=n_tokens, metrics=metrics)
+
+
+def _sync_progress_after_load(module: MCWKD, incompatible_keys) -> None:
+    """After ``load_state_dict``: the schedule position comes back with the ``progress`` buffer."""
+    module.step, module.total_steps = int(module.progress[0]), int(module.progress[1])
+
+
+def _build_cma(args, dims, resources) -> nn.Module:
+    """The DSKD-CMA part (projectors + its pure loss) as a sub-module with ``kd_term``."""
+    from mckd.criteria.mcw_cma import CMATerm
+
+    return CMATerm.from_args(args, dims, resources)
