@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=args.log_level.upper() if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score's "Using default tokenizer."
     if args.command == "run":
         from mckd.evaluation.distributed import init_distributed
         from mckd.evaluation.results import results_markdown

@@ -261,6 +261,29 @@ def pair_settings(cfg: EvalConfig, info, data_file: Path, limit: int) -> dict:
             "max_prompt_length": cfg.max_prompt_length, **cfg.decoding()}
 
 
+def _plan_jobs(cfg: EvalConfig, info, out_dir: Path) -> tuple[list, str | None]:
+    """The pairs still to run as ``(dataset, data_file, limit, seed, settings)``, or an error text."""
+    jobs = []
+    try:
+        for ds in cfg.datasets:
+            data_file = resolve_data_file(cfg.data_dir, ds, info.model_type)
+            caps = [c for c in (cfg.limit, cfg.limits.get(ds, -1)) if c >= 0]
+            limit = min(caps) if caps else -1
+            for seed in cfg.run_seeds():
+                settings = pair_settings(cfg, info, data_file, limit)
+                status = "todo" if cfg.overwrite else pair_status(pair_dir(out_dir, ds, seed), settings)
+                if status == "conflict":
+                    return [], (f"{pair_dir(out_dir, ds, seed)}/metrics.json was produced with other settings; "
+                                "pass --overwrite or choose another --out-dir")
+                if status == "todo":
+                    jobs.append((ds, data_file, limit, seed, settings))
+                else:
+                    logger.info("%s seed %d: finished earlier, skipped (--overwrite redoes it)", ds, seed)
+    except (FileNotFoundError, ValueError) as e:
+        return [], str(e)
+    return jobs, None
+
+
 def run_evaluation(cfg: EvalConfig, ctx: DistContext) -> dict | None:
     """Evaluate every (dataset, seed) pair of ``cfg`` and write the aggregate. Returns it on rank 0."""
     from mckd.evaluation.loading import load_for_eval, pick_dtype, resolve_checkpoint
@@ -268,21 +291,12 @@ def run_evaluation(cfg: EvalConfig, ctx: DistContext) -> dict | None:
 
     info = resolve_checkpoint(cfg.ckpt, cfg.base_model_path)
     out_dir = cfg.resolved_out_dir()
-    jobs = []  # (dataset, data_file, limit, seed, settings)
-    for ds in cfg.datasets:
-        data_file = resolve_data_file(cfg.data_dir, ds, info.model_type)
-        caps = [c for c in (cfg.limit, cfg.limits.get(ds, -1)) if c >= 0]
-        limit = min(caps) if caps else -1
-        for seed in cfg.run_seeds():
-            settings = pair_settings(cfg, info, data_file, limit)
-            status = "todo" if cfg.overwrite else pair_status(pair_dir(out_dir, ds, seed), settings)
-            if status == "conflict":
-                raise RuntimeError(f"{pair_dir(out_dir, ds, seed)}/metrics.json was produced with other settings; "
-                                   "pass --overwrite or choose another --out-dir")
-            if status == "todo":
-                jobs.append((ds, data_file, limit, seed, settings))
-            elif ctx.is_main:
-                logger.info("%s seed %d: finished earlier, skipped (--overwrite redoes it)", ds, seed)
+    # Rank 0 decides what to run and tells the others, so every rank runs the same pairs (and an
+    # error is raised on every rank instead of leaving the others waiting in a collective).
+    plan = _plan_jobs(cfg, info, out_dir) if ctx.is_main else None
+    jobs, error = ctx.broadcast_from_main(plan)
+    if error:
+        raise RuntimeError(error)
     if jobs:
         model, tokenizer = load_for_eval(info, device=ctx.device, dtype=pick_dtype(cfg.dtype, ctx.device))
         cache: dict[str, PromptSet] = {}
