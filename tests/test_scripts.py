@@ -1,0 +1,239 @@
+"""Training scripts (scripts/gpt2, scripts/tinyllama, scripts/tiny) and DeepSpeed configs.
+
+Every script runs in DRY_RUN mode: the printed command must parse with the real argument parser of
+code/distillation.py, carry the published hyper-parameters, derive every path from the repository
+it lives in, and follow the launch variables (GPUS, LAUNCHER, RESUME, overrides).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((ROOT / "scripts" / "gpt2").glob("*.sh")) + sorted((ROOT / "scripts" / "tinyllama").glob("*.sh"))
+
+# script -> (criterion, student path tail, batch, accumulation, lr, epochs, kd rate or None, lora)
+EXPECTED = {
+    "gpt2/sft_teacher_qwen.sh": ("cross_entropy", "qwen/Qwen1.5-1.8B", 4, 2, 2e-5, 10, None, False),
+    "gpt2/sft_gpt2_base.sh": ("cross_entropy", "gpt2/gpt2-base", 4, 2, 5e-4, 20, None, False),
+    "gpt2/vanilla_kd_gpt2_base.sh": ("various_divergence", "gpt2/gpt2-base", 4, 2, 5e-4, 20, 0.5, False),
+    "gpt2/dskd_gpt2_base.sh": ("dual_space_kd", "gpt2/gpt2-base", 4, 2, 5e-4, 20, 0.5, False),
+    "gpt2/dskd_cma_gpt2_base.sh": ("dual_space_kd_with_cma", "gpt2/gpt2-base", 4, 2, 5e-4, 20, 0.5, False),
+    "gpt2/minedit_gpt2_base.sh": ("min_edit_dis_kld", "gpt2/gpt2-base", 4, 2, 5e-4, 20, 0.5, False),
+    "gpt2/uld_gpt2_base.sh": ("universal_logit_distillation", "gpt2/gpt2-base", 2, 4, 5e-4, 20, 0.5, False),
+    "gpt2/multilevel_ot_gpt2_base.sh": ("multi_level_ot", "gpt2/gpt2-base", 4, 1, 5e-4, 20, 1.0, False),
+    "gpt2/multicost_gpt2_base.sh": ("mcw_kd", "gpt2/gpt2-base", 4, 1, 5e-4, 20, 5.0, False),
+    "tinyllama/sft_teacher_llama2.sh": ("cross_entropy", "llama2/llama2-7b-hf", 8, 1, 1e-3, 10, None, True),
+    "tinyllama/sft_teacher_mistral.sh": ("cross_entropy", "mistral/mistral-7b-v0.1", 8, 1, 1e-3, 10, None, True),
+    "tinyllama/sft_tinyllama.sh": ("cross_entropy", "tinyllama/tinyllama-1.1b-3T", 8, 1, 1e-3, 10, None, True),
+    "tinyllama/vanilla_kd_tinyllama.sh": ("various_divergence", "tinyllama/tinyllama-1.1b-3T", 4, 2, 1e-3, 10, 0.5, True),
+    "tinyllama/dskd_tinyllama.sh": ("dual_space_kd", "tinyllama/tinyllama-1.1b-3T", 4, 2, 1e-3, 10, 0.5, True),
+    "tinyllama/dskd_cma_tinyllama.sh": ("dual_space_kd_with_cma", "tinyllama/tinyllama-1.1b-3T", 4, 2, 1e-3, 10, 0.5, True),
+    "tinyllama/minedit_tinyllama.sh": ("min_edit_dis_kld", "tinyllama/tinyllama-1.1b-3T", 4, 2, 1e-3, 10, 0.5, True),
+    "tinyllama/uld_tinyllama.sh": ("universal_logit_distillation", "tinyllama/tinyllama-1.1b-3T", 2, 4, 1e-3, 10, 0.5, True),
+    "tinyllama/multilevel_ot_tinyllama.sh": ("multi_level_ot", "tinyllama/tinyllama-1.1b-3T", 4, 2, 1e-3, 15, 0.5, True),
+    "tinyllama/multicost_tinyllama.sh": ("mcw_kd", "tinyllama/tinyllama-1.1b-3T", 4, 2, 1e-3, 15, 0.5, True),
+}
+# Variables a developer's shell might export that would change the defaults under test.
+_SCRIPT_VARS = ("BASE_PATH", "GPUS", "LAUNCHER", "DEEPSPEED", "DS_CONFIG", "NNODES", "NODE_RANK",
+                "MASTER_ADDR", "MASTER_PORT", "HOSTFILE", "NPROC", "RESUME", "OVERWRITE", "LR",
+                "BATCH_SIZE", "GRAD_ACC", "EPOCH", "KD_RATE", "KD_TEMP", "KD_OBJ", "PRECISION",
+                "CRITERION", "TEACHER_MODEL_PATH", "TEACHER_PEFT_PATH", "SAVE_PATH", "SETTING",
+                "DATA_DIR", "CKPT_PATH", "EXTRA_ARGS", "CRITERION_ARGS", "TASK", "TEA2STU_ID_MAP")
+
+
+def run_script(script: Path, *, check: bool = True, **env) -> subprocess.CompletedProcess:
+    e = {k: v for k, v in os.environ.items() if k not in _SCRIPT_VARS}
+    e.update({"DRY_RUN": "1", "PYTHON": sys.executable}, **{k: str(v) for k, v in env.items()})
+    proc = subprocess.run(["bash", str(script)], env=e, capture_output=True, text=True, timeout=60)
+    if check:
+        assert proc.returncode == 0, f"{script}: {proc.stderr}"
+    return proc
+
+
+def split_command(stdout: str) -> tuple[list[str], list[str]]:
+    """(launcher part, distillation.py arguments) of the single printed command line."""
+    lines = [ln for ln in stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1, stdout
+    argv = shlex.split(lines[0])
+    i = next(k for k, a in enumerate(argv) if a.endswith("code/distillation.py"))
+    return argv[: i + 1], argv[i + 1:]
+
+
+def parse(args: list[str]):
+    from mckd.config import parse_config
+
+    return parse_config(args, check_paths=False)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_dry_run_parses_with_published_values(script):
+    key = f"{script.parent.name}/{script.name}"
+    crit, student, bs, gas, lr, epochs, kd_rate, lora = EXPECTED[key]
+    launch, args = split_command(run_script(script, GPUS="0,1,2,3").stdout)
+    assert launch[:3] == ["torchrun", "--nproc_per_node", "4"]
+    assert launch[-1] == str(ROOT / "code" / "distillation.py")
+    cfg = parse(args)
+    ns = cfg.namespace()
+    assert cfg.model.criterion == crit
+    assert cfg.model.model_path == str(ROOT / "model_hub" / student)
+    assert (cfg.train.batch_size, cfg.train.gradient_accumulation_steps) == (bs, gas)
+    assert cfg.train.lr == pytest.approx(lr) and cfg.train.num_epochs == epochs
+    assert cfg.train.seed == 10 and cfg.train.keep_best_n_checkpoints == 1
+    assert cfg.data.max_length == 512 and cfg.data.max_prompt_length == 256
+    assert cfg.data.data_dir == str(ROOT / "data" / "dolly")
+    assert cfg.dist.deepspeed and Path(cfg.dist.deepspeed_config).is_file()
+    assert Path(cfg.dist.deepspeed_config).parent == ROOT / "configs" / "deepspeed"
+    assert (cfg.peft.peft == "lora") == lora
+    if lora:
+        assert (cfg.peft.peft_lora_r, cfg.peft.peft_lora_alpha) == (256, 8)
+    # published layout: outputs/<model>/<size>/<task>/<setting>
+    save = Path(cfg.train.save_dir)
+    assert save.parents[3] == ROOT / "outputs" and str(save.parents[1]).endswith(student)
+    assert save.name.startswith(f"criterion={crit}__")
+    if kd_rate is None:
+        assert cfg.model.teacher_model_path is None
+    else:
+        assert ns.kd_rate == pytest.approx(kd_rate)
+        assert cfg.model.teacher_model_path.startswith(str(ROOT))
+        # the LoRA teachers are base model + SFT adapter; full-FT teachers are SFT checkpoints
+        if lora:
+            assert cfg.model.teacher_model_path.startswith(str(ROOT / "model_hub"))
+            assert cfg.peft.teacher_peft_path.startswith(str(ROOT / "outputs"))
+        else:
+            assert cfg.model.teacher_model_path.startswith(str(ROOT / "outputs"))
+    if crit == "min_edit_dis_kld":
+        assert ns.teacher_to_student_id_mapping.startswith(str(ROOT / "data" / "vocab_alignment"))
+    if crit == "mcw_kd":
+        assert ns.mcw_preset == "default" and ns.mcw_top_k in (300, 400)
+
+
+def test_scripts_are_not_copies_of_each_other():
+    bodies = [p.read_bytes() for p in SCRIPTS]
+    assert len(set(bodies)) == len(bodies)
+    assert set(EXPECTED) == {f"{p.parent.name}/{p.name}" for p in SCRIPTS}
+    for p in SCRIPTS:
+        text = p.read_text()
+        assert "lib/common.sh" in text and "mckd_train" in text
+        assert "path_to" not in text and "RANDOM" not in text
+        assert subprocess.run(["bash", "-n", str(p)]).returncode == 0
+
+
+def test_cpu_run_uses_plain_python_in_fp32():
+    launch, args = split_command(run_script(ROOT / "scripts/gpt2/sft_gpt2_base.sh", GPUS="").stdout)
+    assert launch == [sys.executable, str(ROOT / "code" / "distillation.py")]
+    cfg = parse(args)
+    assert not cfg.dist.deepspeed and cfg.train.precision == "fp32"
+    launch, _ = split_command(run_script(ROOT / "scripts/gpt2/sft_gpt2_base.sh", GPUS="", NPROC=2).stdout)
+    assert launch[:3] == ["torchrun", "--nproc_per_node", "2"]
+
+
+def test_environment_overrides_and_setting_name():
+    out = run_script(ROOT / "scripts/gpt2/dskd_cma_gpt2_base.sh", GPUS="0 1", LR="1e-4",
+                     BATCH_SIZE=2, KD_RATE=0.9, KD_OBJ="reverse_kl", EPOCH=3,
+                     TEACHER_MODEL_PATH="/models/qwen-sft", EXTRA_ARGS="--max-steps 7").stdout
+    launch, args = split_command(out)
+    assert launch[:3] == ["torchrun", "--nproc_per_node", "2"]
+    cfg = parse(args)
+    ns = cfg.namespace()
+    assert cfg.train.lr == pytest.approx(1e-4) and cfg.train.batch_size == 2
+    assert cfg.train.num_epochs == 3 and cfg.train.max_steps == 7
+    assert ns.kd_rate == pytest.approx(0.9) and ns.kd_objective == "reverse_kl"
+    assert cfg.model.teacher_model_path == "/models/qwen-sft"
+    name = Path(cfg.train.save_dir).name
+    assert "kd^rate=0.9" in name and "reverse_kl-bf16" in name and "bsz=2x2x2=8" in name
+    assert "lr=1e-4" in name and "epoch=3" in name
+
+
+def test_deepspeed_launcher_multinode_and_resume():
+    out = run_script(ROOT / "scripts/gpt2/sft_teacher_qwen.sh", GPUS="0,1", LAUNCHER="deepspeed",
+                     HOSTFILE="/etc/hostfile", NNODES=2, MASTER_ADDR="node0", MASTER_PORT=1234,
+                     RESUME=1).stdout
+    launch, args = split_command(out)
+    assert launch[0] == "deepspeed"
+    for flag, val in (("--hostfile", "/etc/hostfile"), ("--num_nodes", "2"), ("--num_gpus", "2"),
+                      ("--master_addr", "node0"), ("--master_port", "1234")):
+        assert launch[launch.index(flag) + 1] == val
+    cfg = parse(args)
+    assert cfg.train.resume and not cfg.train.overwrite
+    assert cfg.dist.deepspeed_config.endswith("ds_config_zero2_offload.json")
+    assert cfg.train.precision == "fp16"
+    launch, _ = split_command(run_script(ROOT / "scripts/gpt2/sft_teacher_qwen.sh", GPUS="2,3",
+                                         LAUNCHER="deepspeed").stdout)
+    assert launch[launch.index("--include") + 1] == "localhost:2,3"
+    launch, _ = split_command(run_script(ROOT / "scripts/gpt2/sft_gpt2_base.sh", GPUS="0",
+                                         NNODES=2, NODE_RANK=1, MASTER_ADDR="10.0.0.1").stdout)
+    assert launch[launch.index("--node_rank") + 1] == "1"
+    assert launch[launch.index("--master_addr") + 1] == "10.0.0.1"
+
+
+def test_paths_follow_the_script_location(tmp_path):
+    copy = tmp_path / "project"
+    shutil.copytree(ROOT / "scripts", copy / "scripts")
+    _, args = split_command(run_script(copy / "scripts/gpt2/uld_gpt2_base.sh", GPUS="0").stdout)
+    cfg = parse(args)
+    for p in (cfg.model.model_path, cfg.model.teacher_model_path, cfg.data.data_dir,
+              cfg.train.save_dir, cfg.dist.deepspeed_config):
+        assert p.startswith(str(copy)), p
+
+
+def test_teacher_checkpoint_is_found_and_best_by_rouge(tmp_path):
+    copy = tmp_path / "project"
+    shutil.copytree(ROOT / "scripts", copy / "scripts")
+    run = copy / "outputs/qwen/Qwen1.5-1.8B/sft/criterion=cross_entropy__x"
+    for name, rouge in (("epoch1_step10", 20.0), ("epoch2_step20", 31.5), ("epoch3_step30", 25.0)):
+        (run / name).mkdir(parents=True)
+        (run / name / "trainer_state.json").write_text(json.dumps({"dev": {"rougeL": rouge}}))
+    (run / ".tmp-epoch4_step40").mkdir()
+    proc = run_script(copy / "scripts/gpt2/multicost_gpt2_base.sh", GPUS="0")
+    _, args = split_command(proc.stdout)
+    assert parse(args).model.teacher_model_path == str(run / "epoch2_step20")
+    assert "warning" not in proc.stderr
+
+
+def test_missing_teacher_and_busy_run_dir_stop_real_runs(tmp_path):
+    copy = tmp_path / "project"
+    shutil.copytree(ROOT / "scripts", copy / "scripts")
+    proc = run_script(copy / "scripts/gpt2/dskd_cma_gpt2_base.sh", check=False, GPUS="", DRY_RUN=0)
+    assert proc.returncode == 2 and "sft_teacher_qwen.sh" in proc.stderr
+    busy = tmp_path / "run"
+    busy.mkdir()
+    (busy / "train.log").write_text("old run\n")
+    proc = run_script(copy / "scripts/gpt2/sft_gpt2_base.sh", check=False, GPUS="", DRY_RUN=0,
+                      SAVE_PATH=busy)
+    assert proc.returncode == 2 and "RESUME=1" in proc.stderr
+    assert (busy / "train.log").read_text() == "old run\n"
+
+
+def test_mined_reports_the_vocab_map_command():
+    proc = run_script(ROOT / "scripts/tinyllama/minedit_tinyllama.sh", GPUS="0",
+                      TEA2STU_ID_MAP="/nonexistent/map.json")
+    assert "mckd.data.vocab_map" in proc.stderr and "/nonexistent/map.json" in proc.stderr
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "deepspeed").glob("*.json")), ids=lambda p: p.name)
+def test_deepspeed_configs_fill_and_validate(path):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from mckd.config import _ds_precision
+    from mckd.train.engine import fill_deepspeed_config
+
+    raw = json.loads(path.read_text())
+    assert raw["train_micro_batch_size_per_gpu"] == "auto" and raw["gradient_clipping"] == "auto"
+    prec = _ds_precision(raw)
+    expect = "bf16" if "bf16" in path.name else "fp32" if "fp32" in path.name else "fp16"
+    assert prec == expect
+    stage = 3 if "zero3" in path.name else 2 if "zero2" in path.name else 0 if "zero0" in path.name else 1
+    filled = fill_deepspeed_config(raw, batch_size=4, grad_acc=2, world_size=1, clip_grad=1.0,
+                                   precision=prec)
+    ds = DeepSpeedConfig(filled)
+    assert ds.zero_optimization_stage == stage and ds.train_batch_size == 8
+    assert ds.gradient_clipping == 1.0
+    assert (ds.zero_config.offload_optimizer is not None) == ("offload" in path.name)
