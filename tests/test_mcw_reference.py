@@ -74,7 +74,7 @@ def views(s_logits, t_logits, h_s, h_t):
 def test_reference_preset_matches_published_loop_oracle(T_s, T_t):
     torch.manual_seed(0)
     batch, s_logits, t_logits, h_s, h_t, dense = make_inputs(T_s=T_s, T_t=T_t)
-    crit = MCWKD(student_hidden=D_S, teacher_hidden=D_T, options=preset("reference", top_k=20))
+    crit = MCWKD(D_S, D_T, kd_rate=0.0, options=preset("reference", top_k=20))
     crit.set_progress(7, 20)
     t = 0.1 + 0.9 * 7 / 20
     student, teacher = views(s_logits, t_logits, h_s, h_t)
@@ -88,7 +88,7 @@ def test_reference_preset_matches_published_loop_oracle(T_s, T_t):
     # Published scaling: the mean over examples is what enters the token-summed loss.
     torch.testing.assert_close(crit.scale_ot(out["ot_logits"], batch["labels"]), ref_l, rtol=1e-4, atol=1e-6)
     # Gradients through the 100 unrolled iterations agree too.
-    params = [s_logits, h_s, crit.salience_head.weight, crit.ot_projector.weight]
+    params = [s_logits, h_s, crit.salience_head.weight, next(crit.ot_projector.parameters())]
     ours = torch.autograd.grad(out["ot_logits"].sum() + out["ot_hidden"].sum(), params)
     theirs = torch.autograd.grad(sum(per_l) + sum(per_h), params)
     for a, b in zip(ours, theirs):
@@ -98,13 +98,13 @@ def test_reference_preset_matches_published_loop_oracle(T_s, T_t):
 def test_reference_published_regime_is_near_uniform_plan():
     """Spec 7.5: with eps = 10 the plan is within a few percent of the product coupling."""
     batch, s_logits, t_logits, h_s, h_t, _ = make_inputs()
-    crit = MCWKD(student_hidden=D_S, teacher_hidden=D_T, options=preset("reference", top_k=20))
+    crit = MCWKD(D_S, D_T, kd_rate=0.0, options=preset("reference", top_k=20))
     out = crit.ot_terms(batch, *views(s_logits, t_logits, h_s, h_t))
     t_mask, s_mask = out["masks"]
     uniform = (t_mask.float()[:, :, None] / t_mask.sum(1)[:, None, None]) * (s_mask.float()[:, None, :] / s_mask.sum(1)[:, None, None])
     ratio = out["plan_logits"][uniform > 0] / uniform[uniform > 0]
     assert 0.8 < ratio.min() and ratio.max() < 1.25
-    sharp = MCWKD(student_hidden=D_S, teacher_hidden=D_T, options=preset("default", top_k=20))
+    sharp = MCWKD(D_S, D_T, kd_rate=0.0, options=preset("default", top_k=20))
     sharp.load_state_dict(crit.state_dict())
     out2 = sharp.ot_terms(batch, *views(s_logits, t_logits, h_s, h_t))
     t2, s2 = out2["masks"]

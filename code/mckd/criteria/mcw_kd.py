@@ -4,8 +4,10 @@
 
 * ``CE_sum``: token-summed cross-entropy of the student (weight 1 as published; ``--loss-combination
   interpolate`` gives ``(1 - kd_rate) * CE``).
-* ``KD_CMA_sum``: the DSKD-CMA objective (spec 6.3), computed by the shared pure function of
-  :mod:`mckd.criteria.dual_space_kd_with_cma` with this criterion's ``query``/``s2t``/``t2s`` projectors.
+* ``KD_CMA_sum``: the DSKD-CMA objective (spec 6.3), computed by the shared pure function
+  :func:`mckd.criteria.dual_space_kd_with_cma.cma_losses` with this criterion's ``query``/``s2t``/
+  ``t2s`` projectors and the shared ``--kd-*``/``--cma-*`` options (``--cma-normalization published``
+  for the published scaling).
 * ``OT_logits`` / ``OT_hidden``: batched multi-cost Sinkhorn terms (:mod:`mckd.criteria.mcw_ot`).
   Scaling (``--mcw-ot-scaling``): ``per_example`` adds ``mean_b OT_b`` (published; after the loop's
   division by the label-token count its weight is ~1/350 of CE's) and ``per_token`` adds
@@ -27,30 +29,20 @@ from torch import nn
 
 from mckd.criteria.base import Criterion, CriterionOutput, ModelView, register_criterion
 from mckd.criteria.common import (combine_losses, count_tokens, cross_entropy_sum, label_mask, require_hidden,
-                                  teacher_labels)
+                                  teacher_input_ids, teacher_labels)
+from mckd.criteria.divergences import get_divergence
+from mckd.criteria.dual_space_kd_with_cma import CMA_PROJECTORS, cma_kwargs_from_args, cma_losses
 from mckd.criteria.mcw_ot import (aligned_student_index, alignment_cost, cost_statistics, hidden_costs,
                                   interpolation_weight, logit_costs, multi_cost_ot, topk_distributions)
 from mckd.criteria.mcw_presets import MCWOptions, add_mcw_args, options_from_args
 from mckd.criteria.mcw_weights import simplex_qp_weights
+from mckd.models.projectors import build_projectors, load_projector_weights, run_projector
 from mckd.ot.costs import span_iou_cost
 
 logger = logging.getLogger(__name__)
 
 LOGIT_COST_NAMES = ("l2", "kl", "salience")
 HIDDEN_COST_NAMES = ("align", "ctx_l2", "ctx_cos")
-
-
-def build_ot_projector(teacher_hidden: int, student_hidden: int, config_path: str | None) -> nn.Module:
-    """The ``ot`` projector (teacher -> student space) of ``configs/projector_config.json``
-    (published structure ``"t-s"``: one Linear)."""
-    try:
-        import mckd.models.projectors as _proj
-    except ImportError:  # the projector module is optional for this criterion
-        _proj = None
-    if _proj is not None and hasattr(_proj, "build_projector") and config_path:
-        return _proj.build_projector("ot", config_path, student_hidden=student_hidden,
-                                     teacher_hidden=teacher_hidden)
-    return nn.Linear(teacher_hidden, student_hidden)
 
 
 @register_criterion("mcw_kd")
@@ -64,20 +56,38 @@ class MCWKD(Criterion):
     alignment = ("dtw",)
     cross_tokenizer = True
 
-    def __init__(self, *, student_hidden: int, teacher_hidden: int, options: MCWOptions | None = None,
+    def __init__(self, student_hidden: int, teacher_hidden: int, *, options: MCWOptions | None = None,
                  kd_rate: float = 0.5, loss_combination: str = "published", label_smoothing: float = 0.0,
-                 cma: nn.Module | None = None, projector_config_path: str | None = None):
+                 kd_objective: str = "forward_kl", kd_temperature: float = 1.0, teacher_temperature: float = 1.0,
+                 tau_squared: bool = False, adaptive_kl_alpha: float = 0.5, skew_lambda: float = 0.1,
+                 normalization: str = "masked_std", t2s_accuracy_mask: bool = True,
+                 projector_config_path: str | None = None, projector_path: str | None = None):
+        """Args:
+            student_hidden, teacher_hidden: D_s, D_t (from the model configs).
+            options: :class:`MCWOptions` (a preset with overrides); None = the ``reference`` values.
+            kd_rate: lambda of the CMA term (0 leaves the CMA term and its projectors out).
+            loss_combination: ``published``/``additive`` (CE + l KD) or ``interpolate``.
+            label_smoothing: CE label smoothing.
+            kd_objective ... t2s_accuracy_mask: the DSKD-CMA options (shared ``--kd-*``/``--cma-*`` flags).
+            projector_config_path: projector JSON (``ot`` and, with a CMA term, ``query``/``t2s``/``s2t``).
+            projector_path: optional projector.pt to warm-start the projectors.
+        """
         super().__init__()
         self.options = (options or MCWOptions()).validate()
         self.kd_rate = float(kd_rate)
         self.loss_combination = loss_combination
         self.label_smoothing = float(label_smoothing)
         self.alignment = ("dtw",) if self.options.align_cost == "dtw" else ()
-        self.ot_projector = build_ot_projector(teacher_hidden, student_hidden, projector_config_path)
+        names = ("ot",) + (CMA_PROJECTORS if self.kd_rate != 0.0 else ())
+        self.projectors = build_projectors(names, student_hidden, teacher_hidden, config_path=projector_config_path)
+        if projector_path:
+            load_projector_weights(self.projectors, projector_path)
         self.salience_head = nn.Linear(student_hidden, 1)
-        # Holds the CMA projectors and computes KD_CMA; None means the CMA term is left out (tests of
-        # the OT terms alone, or kd_rate 0).
-        self.cma = cma
+        self.cma_options = dict(kd_divergence=get_divergence(kd_objective, adaptive_kl_alpha=adaptive_kl_alpha,
+                                                             skew_lambda=skew_lambda),
+                                temperature=kd_temperature, teacher_temperature=teacher_temperature,
+                                tau_squared=tau_squared, normalization=normalization,
+                                t2s_accuracy_mask=t2s_accuracy_mask)
         self.register_buffer("weights_logits", torch.tensor(self.options.weights_logits, dtype=torch.float32))
         self.register_buffer("weights_hidden", torch.tensor(self.options.weights_hidden, dtype=torch.float32))
         self.register_buffer("progress", torch.zeros(2, dtype=torch.long))
@@ -86,22 +96,23 @@ class MCWKD(Criterion):
         self._stat_count: torch.Tensor | None = None  # (2,)
         self.register_load_state_dict_post_hook(_sync_progress_after_load)
 
+    @property
+    def ot_projector(self) -> nn.Module:
+        """Teacher hidden -> student space (``ot`` in configs/projector_config.json)."""
+        return self.projectors["ot"]
+
     # ------------------------------------------------------------------ construction from the CLI
     @classmethod
     def add_args(cls, parser) -> None:
         add_mcw_args(parser)
 
     @classmethod
-    def from_args(cls, args, dims, resources) -> "MCWKD":
+    def from_args(cls, args, dims, resources=None) -> "MCWKD":
         if dims.teacher_hidden is None:
             raise ValueError("mcw_kd: needs a teacher (--teacher-model-path); teacher hidden size unknown")
-        opts = options_from_args(args)
-        kd_rate = float(getattr(args, "kd_rate", 0.5))
-        cma = _build_cma(args, dims, resources) if kd_rate != 0.0 else None
-        return cls(student_hidden=dims.student_hidden, teacher_hidden=dims.teacher_hidden, options=opts,
-                   kd_rate=kd_rate, loss_combination=getattr(args, "loss_combination", "published"),
-                   label_smoothing=float(getattr(args, "label_smoothing", 0.0)), cma=cma,
-                   projector_config_path=getattr(args, "projector_config_path", None))
+        kw = cma_kwargs_from_args(args, resources)
+        kw.pop("projector_pretraining", None)
+        return cls(dims.student_hidden, dims.teacher_hidden, options=options_from_args(args), **kw)
 
     # ------------------------------------------------------------------ schedule and weight rule
     def set_progress(self, step: int, total_steps: int) -> None:
@@ -160,7 +171,7 @@ class MCWKD(Criterion):
         if teacher.logits.shape[1] != T_t or student.logits.shape[1] != T_s:
             raise ValueError(f"mcw_kd: logits and hidden lengths differ: student {tuple(student.logits.shape)} vs "
                              f"{tuple(h_s.shape)}, teacher {tuple(teacher.logits.shape)} vs {tuple(h_t.shape)}")
-        g = self.ot_projector(h_t.detach().to(self.ot_projector.weight.dtype))        # (B, T_t, D_s)
+        g = run_projector(self.ot_projector, h_t.detach())                           # (B, T_t, D_s)
         sal_w = self.salience_head.weight.dtype
         with torch.autocast(device_type=h_s.device.type, enabled=False):
             align = alignment_cost(batch, o.align_cost, T_t, T_s)                       # (B, T_t, T_s)
@@ -183,6 +194,17 @@ class MCWKD(Criterion):
                     eps_hidden=ot_h.epsilon, masks=(t_mask, s_mask),
                     marginal_error=torch.maximum(ot_l.result.marginal_error, ot_h.result.marginal_error))
 
+    def cma_terms(self, batch: dict[str, torch.Tensor], student: ModelView, teacher: ModelView):
+        """The DSKD-CMA terms (token sums) with this criterion's projectors (spec 6.3)."""
+        return cma_losses(
+            student_logits=student.logits, student_hidden=require_hidden(student, "student", "mcw_kd"),
+            teacher_logits=teacher.logits, teacher_hidden=require_hidden(teacher, "teacher", "mcw_kd"),
+            input_ids=batch["input_ids"], labels=batch["labels"], teacher_input_ids=teacher_input_ids(batch),
+            teacher_labels=teacher_labels(batch), student_embed=student.embed_tokens,
+            teacher_embed=teacher.embed_tokens, student_head_weight=student.lm_head_weight,
+            teacher_head_weight=teacher.lm_head_weight, query_proj=self.projectors["query"],
+            t2s_proj=self.projectors["t2s"], s2t_proj=self.projectors["s2t"], **self.cma_options)
+
     def scale_ot(self, values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-example OT values (B,) -> the token-sum scale of ``loss_sum`` (``--mcw-ot-scaling``)."""
         if self.options.ot_scaling == "per_token":
@@ -198,11 +220,11 @@ class MCWKD(Criterion):
         n_tokens = count_tokens(labels)
         ce, nll = cross_entropy_sum(student.logits, labels, self.label_smoothing)
         metrics: dict[str, torch.Tensor] = {"nll_loss": nll.detach()}
-        if self.cma is not None:
-            kd, cma_metrics = self.cma.kd_term(batch, student, teacher)
-            metrics.update(cma_metrics)
-            base = combine_losses(ce, kd, self.kd_rate, self.loss_combination, "additive")
-            metrics["kd_loss"] = kd.detach()
+        if self.kd_rate != 0.0:
+            kd = self.cma_terms(batch, student, teacher)
+            metrics.update(kd.metrics)
+            base = combine_losses(ce, kd.kd, self.kd_rate, self.loss_combination, "additive")
+            metrics["kd_loss"] = kd.kd.detach()
         else:
             base = ce if self.loss_combination != "interpolate" else (1.0 - self.kd_rate) * ce
         ot = self.ot_terms(batch, student, teacher)
@@ -235,10 +257,3 @@ class MCWKD(Criterion):
 def _sync_progress_after_load(module: MCWKD, incompatible_keys) -> None:
     """After ``load_state_dict``: the schedule position comes back with the ``progress`` buffer."""
     module.step, module.total_steps = int(module.progress[0]), int(module.progress[1])
-
-
-def _build_cma(args, dims, resources) -> nn.Module:
-    """The DSKD-CMA part (projectors + its pure loss) as a sub-module with ``kd_term``."""
-    from mckd.criteria.mcw_cma import CMATerm
-
-    return CMATerm.from_args(args, dims, resources)
