@@ -116,10 +116,16 @@ def main(argv: list[str] | None = None) -> int:
         from mckd.evaluation.results import results_markdown
         from mckd.evaluation.runner import run_evaluation
 
+        from mckd.evaluation.loading import CheckpointError
+        from mckd.evaluation.runner import EvalSetupError
+
         cfg = config_from_args(args)
         ctx = init_distributed(args.device)
         try:
             res = run_evaluation(cfg, ctx)
+        except (CheckpointError, EvalSetupError) as e:
+            print(f"evaluate.py run: error: {e}", file=sys.stderr)
+            return 2
         finally:
             ctx.close()
         if res is not None:

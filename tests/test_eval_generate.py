@@ -95,6 +95,8 @@ def test_wrapped_model_and_input_order(tiny_models):
     assert generate_batched(model, tok, [], batch_size=2) == []
     with pytest.raises(ValueError, match="empty prompt"):
         generate_batched(model, tok, [[1], []], batch_size=2)
+    with pytest.raises(ValueError, match="positions"):  # 1024-position tiny GPT-2
+        generate_batched(model, tok, [[1] * 30], batch_size=1, max_new_tokens=1000)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama2"])

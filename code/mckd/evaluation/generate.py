@@ -64,6 +64,16 @@ def _device_of(model) -> torch.device:
         return torch.device("cpu")
 
 
+def _check_positions(model, needed: int) -> None:
+    """Fail clearly (instead of an index error deep in the model) when prompt + new tokens exceed
+    the model's position table."""
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    if isinstance(limit, int) and needed > limit:
+        raise ValueError(f"longest prompt + max_new_tokens = {needed} tokens exceeds the model's {limit} positions: "
+                         "lower --max-prompt-length or --max-new-tokens")
+
+
 def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists.
 
@@ -112,6 +122,7 @@ def generate_one_batch(model, prompt_ids: Sequence[Sequence[int]], *, pad_id: in
                        gen_kwargs: dict, seed: int | None) -> list[list[int]]:
     """Generate for one batch of prompts (already chosen); returns new ids per prompt, eos excluded."""
     device = _device_of(model)
+    _check_positions(model, max(len(p) for p in prompt_ids) + int(gen_kwargs.get("max_new_tokens", 0)))
     ids, mask = left_pad(prompt_ids, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     fork = (torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])

@@ -41,6 +41,10 @@ DEFAULT_DATASETS = ("dolly", "self-inst", "vicuna", "sinst/11_", "dialogsum")
 DEFAULT_SEEDS = (10, 20, 30, 40, 50)
 
 
+class EvalSetupError(RuntimeError):
+    """A run that cannot start (missing data file, finished pairs with other settings)."""
+
+
 @dataclass
 class EvalConfig:
     """Everything one evaluation run needs; see ``code/evaluate.py --help`` for the flags."""
@@ -296,7 +300,7 @@ def run_evaluation(cfg: EvalConfig, ctx: DistContext) -> dict | None:
     plan = _plan_jobs(cfg, info, out_dir) if ctx.is_main else None
     jobs, error = ctx.broadcast_from_main(plan)
     if error:
-        raise RuntimeError(error)
+        raise EvalSetupError(error)
     if jobs:
         model, tokenizer = load_for_eval(info, device=ctx.device, dtype=pick_dtype(cfg.dtype, ctx.device))
         cache: dict[str, PromptSet] = {}
