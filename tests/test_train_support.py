@@ -114,3 +114,28 @@ def train_argv(model, data, out, *extra, criterion="cross_entropy"):
 
 def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def no_dropout_copy(model_dir, out_dir) -> Path:
+    """Copy of a tiny model with every dropout probability set to 0 (deterministic functions for
+    the equivalence tests)."""
+    import shutil
+
+    out_dir = Path(out_dir)
+    shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
+    cfg = json.loads((out_dir / "config.json").read_text())
+    for k in list(cfg):
+        if "pdrop" in k or "dropout" in k:
+            if isinstance(cfg[k], (int, float)) and not isinstance(cfg[k], bool):
+                cfg[k] = 0.0
+    (out_dir / "config.json").write_text(json.dumps(cfg))
+    return out_dir
+
+
+if __name__ == "__main__":  # entry point with the stand-ins registered (torchrun -m / deepspeed --module)
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
+    from distillation import main
+
+    sys.exit(main(sys.argv[1:]))

@@ -61,13 +61,15 @@ class DistillModule(nn.Module):
         self.student = student
         self.criterion = criterion
 
-    def forward(self, batch: dict, teacher_view=None) -> CriterionOutput:
+    def forward(self, batch: dict, teacher_view=None) -> tuple:
+        """Returns a plain tuple ``(loss_sum, n_tokens, metrics)``: ZeRO-3's hooks look for tensors
+        in tuples and dicts, not in dataclasses."""
         need_h = self.criterion.needs_hidden
         out = self.student(**model_inputs(self.student, batch), output_hidden_states=need_h,
                            use_cache=False)
         view = model_view(self.student, out, with_hidden=need_h)
-        res = self.criterion(batch, view, teacher_view)
-        return res if isinstance(res, CriterionOutput) else CriterionOutput(*res)
+        loss_sum, n_tokens, metrics = self.criterion(batch, view, teacher_view)
+        return loss_sum, n_tokens, metrics
 
 
 def _autocast(device: torch.device, precision: str):
@@ -110,7 +112,7 @@ class TorchEngine:
         if self.world > 1:  # what DDP.no_sync() toggles: reduce gradients on the last micro-batch only
             self.module.require_backward_grad_sync = last
         with self.autocast():
-            return self.module(batch, teacher_view)
+            return CriterionOutput(*self.module(batch, teacher_view))
 
     def backward(self, loss: torch.Tensor, *, last: bool) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -203,7 +205,7 @@ class DeepSpeedEngine:
         return self.world * self.gas / total_tokens.clamp_min(1)
 
     def forward(self, batch: dict, teacher_view, *, last: bool) -> CriterionOutput:
-        return self.engine(batch, teacher_view)
+        return CriterionOutput(*self.engine(batch, teacher_view))
 
     def backward(self, loss: torch.Tensor, *, last: bool) -> None:
         self.engine.backward(loss)

@@ -75,7 +75,7 @@ def param_groups(student: nn.Module, criterion: nn.Module | None, *, lr: float, 
 
 def build_optimizer(groups: list[dict], *, betas=(0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
     """torch AdamW (the published optimizer) over the given groups."""
-    n = {g["name"]: sum(p.numel() for p in g["params"]) for g in groups}
+    n = {g["name"]: sum(getattr(p, "ds_numel", p.numel()) for p in g["params"]) for g in groups}  # ds_numel: ZeRO-3
     logger.info("optimizer groups (parameters): %s", n)
     return torch.optim.AdamW(groups, betas=betas, eps=eps)
 
