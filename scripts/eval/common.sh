@@ -37,11 +37,11 @@ if [[ -n "${GPUS}" ]]; then
   export CUDA_VISIBLE_DEVICES=${GPUS}
   N=$(echo "${GPUS}" | tr ',' '\n' | wc -l)
   if [[ "${N}" -gt 1 ]]; then
-    exec torchrun --nproc_per_node "${N}" --master_port "${MASTER_PORT}" code/evaluate.py "${ARGS[@]}" --device cuda
+    exec "${PYTHON}" -m torch.distributed.run --nproc_per_node "${N}" --master_port "${MASTER_PORT}" code/evaluate.py "${ARGS[@]}" --device cuda
   fi
   exec "${PYTHON}" code/evaluate.py "${ARGS[@]}" --device cuda
 elif [[ "${NPROC}" -gt 1 ]]; then
-  exec torchrun --nproc_per_node "${NPROC}" --master_port "${MASTER_PORT}" code/evaluate.py "${ARGS[@]}" --device cpu
+  exec "${PYTHON}" -m torch.distributed.run --nproc_per_node "${NPROC}" --master_port "${MASTER_PORT}" code/evaluate.py "${ARGS[@]}" --device cpu
 else
   exec "${PYTHON}" code/evaluate.py "${ARGS[@]}" --device cpu
 fi
