@@ -109,8 +109,8 @@ def load_results(path: str | Path) -> dict:
 def default_names(paths: Sequence[str | Path]) -> list[str]:
     """Shortest distinct path suffixes, e.g. ``sft/epoch3_step100`` vs ``kd/epoch3_step100``."""
     parts = [Path(p).resolve().parts for p in paths]
-    parts = [pp[:-1] if pp and pp[-1] in ("eval", "eval-greedy", "results.json") else pp for pp in parts]
-    parts = [pp[:-1] if pp and pp[-1] in ("eval", "eval-greedy") else pp for pp in parts]
+    parts = [pp[:-1] if pp and pp[-1] == "results.json" else pp for pp in parts]  # .../eval/results.json
+    parts = [pp[:-1] if pp and pp[-1] in ("eval", "eval-greedy") else pp for pp in parts]  # .../ckpt/eval
     for k in range(1, max((len(pp) for pp in parts), default=1) + 1):
         names = ["/".join(pp[-k:]) for pp in parts]
         if len(set(names)) == len(names):
