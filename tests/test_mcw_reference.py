@@ -55,8 +55,9 @@ def make_inputs(B=3, T_s=10, T_t=12, seed=0, dtype=torch.float32):
             dtw_mask[b, n] = True
             d[i, j] += v
         dense.append(d)
-    batch = dict(input_ids=torch.zeros(B, T_s, dtype=torch.long), attention_mask=att_s, labels=labels,
-                 offsets=offsets(len_s, T_s, 3), teacher_attention_mask=att_t, teacher_labels=t_labels,
+    batch = dict(input_ids=torch.randint(0, V_S, (B, T_s), generator=g) * att_s, attention_mask=att_s, labels=labels,
+                 offsets=offsets(len_s, T_s, 3), teacher_input_ids=torch.randint(0, V_T, (B, T_t), generator=g) * att_t,
+                 teacher_attention_mask=att_t, teacher_labels=t_labels,
                  teacher_offsets=offsets(len_t, T_t, 2), dtw_index=dtw_index, dtw_value=dtw_value, dtw_mask=dtw_mask)
     s_logits = (torch.randn(B, T_s, V_S, generator=g) * 3).to(dtype).requires_grad_()
     t_logits = (torch.randn(B, T_t, V_T, generator=g) * 3).to(dtype)
