@@ -60,6 +60,8 @@ class DistillModule(nn.Module):
         super().__init__()
         self.student = student
         self.criterion = criterion
+        # ZeRO-3 sets this to gather the teacher's embedding table and head for the criterion
+        self.criterion_context = lambda teacher_view: contextlib.nullcontext()
 
     def forward(self, batch: dict, teacher_view=None) -> tuple:
         """Returns a plain tuple ``(loss_sum, n_tokens, metrics)``: ZeRO-3's hooks look for tensors
@@ -68,7 +70,8 @@ class DistillModule(nn.Module):
         out = self.student(**model_inputs(self.student, batch), output_hidden_states=need_h,
                            use_cache=False)
         view = model_view(self.student, out, with_hidden=need_h)
-        loss_sum, n_tokens, metrics = self.criterion(batch, view, teacher_view)
+        with self.criterion_context(teacher_view):
+            loss_sum, n_tokens, metrics = self.criterion(batch, view, teacher_view)
         return loss_sum, n_tokens, metrics
 
 
@@ -197,6 +200,31 @@ class DeepSpeedEngine:
         self.gas = int(ds_config["gradient_accumulation_steps"])
         self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
         self.module = self.engine
+        if self.zero_stage == 3:
+            self._zero3_external_parameters(module)
+
+    @staticmethod
+    def _zero3_external_parameters(module: DistillModule) -> None:
+        """ZeRO-3 gathers a parameter only while its own module runs. Criteria read the student's
+        embedding table and head (and their own parameters) directly, so those are registered as
+        parameters of the whole DistillModule forward; the frozen teacher's are gathered read-only
+        around the criterion call."""
+        from deepspeed.runtime.zero import GatheredParameters, register_external_parameter
+
+        from mckd.models import access
+
+        params = [access.get_input_embeddings(module.student).weight,
+                  access.get_output_head(module.student).weight, *module.criterion.parameters()]
+        for p in params:
+            if hasattr(p, "ds_id"):
+                register_external_parameter(module, p)
+
+        def teacher_ctx(view):
+            if view is None:
+                return contextlib.nullcontext()
+            return GatheredParameters([view.embed_tokens.weight, view.lm_head.weight], modifier_rank=None)
+
+        module.criterion_context = teacher_ctx
 
     def autocast(self):
         return contextlib.nullcontext()  # the module itself is in the training dtype
