@@ -11,8 +11,10 @@ from torch import nn
 
 from mckd.criteria import ModelDims, ModelView, get_criterion_class
 from mckd.criteria.base import CriterionResources
-from mckd.criteria.min_edit_dis_kld import (FILL_LOGIT, GOLD_LOGIT, MinEditDisKLD, invert_vocab_map,
-                                            mined_target_logits)
+from mckd.criteria.common import label_mask
+from mckd.criteria.divergences import forward_kl
+from mckd.criteria.min_edit_dis_kld import (FILL_LOGIT, GOLD_LOGIT, MinEditDisKLD, dense_target_logits,
+                                            invert_vocab_map, mined_kd_per_token, mined_transfer)
 
 
 def view(logits: torch.Tensor) -> ModelView:
@@ -104,9 +106,9 @@ def test_transfer_targets_match_the_spec():
     batch, s, t, tea2stu = random_case(seed=1)
     tea2stu_t = torch.tensor(tea2stu)
     t_ids, s_ids = invert_vocab_map(tea2stu_t, s.shape[-1])
-    target, aligned = mined_target_logits(t, batch["mined_teacher_index"], batch["input_ids"],
-                                          batch["teacher_input_ids"], batch["labels"], tea2stu_t,
-                                          t_ids, s_ids, s.shape[-1])
+    cols, aligned = mined_transfer(t, batch["mined_teacher_index"], batch["input_ids"],
+                                   batch["teacher_input_ids"], batch["labels"], tea2stu_t, t_ids)
+    target = dense_target_logits(cols, aligned, batch["labels"], s_ids, s.shape[-1])
     assert aligned.any() and (~aligned & batch["labels"].ne(-100)).any()   # both kinds occur
     b, j = aligned.nonzero()[0].tolist()
     i = batch["mined_teacher_index"][b, j]
@@ -117,6 +119,37 @@ def test_transfer_targets_match_the_spec():
     onehot = torch.full((s.shape[-1],), FILL_LOGIT)
     onehot[batch["labels"][b, j]] = GOLD_LOGIT
     assert torch.equal(target[b, j], onehot)
+
+
+@pytest.mark.parametrize("tau,tau_sq", [(1.0, False), (2.0, True), (0.5, False)])
+def test_sparse_kl_equals_the_shared_forward_kl_on_the_dense_target(tau, tau_sq):
+    batch, s, t, tea2stu = random_case(seed=9)
+    tea2stu_t = torch.tensor(tea2stu)
+    t_ids, s_ids = invert_vocab_map(tea2stu_t, s.shape[-1])
+    cols, aligned = mined_transfer(t, batch["mined_teacher_index"], batch["input_ids"],
+                                   batch["teacher_input_ids"], batch["labels"], tea2stu_t, t_ids)
+    dense = dense_target_logits(cols, aligned, batch["labels"], s_ids, s.shape[-1])
+    mask = label_mask(batch["labels"])
+    ours = mined_kd_per_token(s, cols, aligned, batch["labels"], s_ids, tau, tau_sq)
+    ref = forward_kl(s, dense, temperature=tau, tau_squared=tau_sq)
+    torch.testing.assert_close(ours[mask], ref[mask], rtol=1e-5, atol=1e-5)
+
+
+def test_nan_teacher_rows_that_are_not_aligned_do_not_leak():
+    batch, s, t, tea2stu = random_case(seed=10)
+    crit = MinEditDisKLD(tea2stu, student_vocab=s.shape[-1])
+    n_aligned = crit(batch, view(s), view(t)).metrics["aligned_fraction"]
+    _, aligned = mined_transfer(t, batch["mined_teacher_index"], batch["input_ids"],
+                                batch["teacher_input_ids"], batch["labels"], crit.tea2stu,
+                                crit.stu2tea_teacher)
+    b, j = aligned.nonzero()[0].tolist()
+    t = t.clone()
+    t[b, batch["mined_teacher_index"][b, j]] = float("nan")   # now fails condition (c)
+    s = s.requires_grad_()
+    out = crit(batch, view(s), view(t))
+    out.loss_sum.backward()
+    assert out.metrics["aligned_fraction"] < n_aligned
+    assert torch.isfinite(out.loss_sum) and torch.isfinite(s.grad).all()
 
 
 # --------------------------------------------------------------------------- battery

@@ -17,8 +17,11 @@ Vocabulary transfer (spec 4.4): the map ``tea2stu`` (teacher id -> student id) i
 ``stu2tea``: every student id in its image gets the *smallest* teacher id mapped to it
 (``max_align_num = 1``); student ids outside the image get the fill logit -1e5, i.e. zero teacher
 probability. The transfer is one gather of the ``K`` mapped teacher columns at the aligned teacher
-positions plus one ``index_copy`` into a float (B, T_s, V_s) tensor (the published code built an
-int64 one-hot over the vocabulary per position, spec 14.3).
+positions (:func:`mined_transfer`). The published target over the whole student vocabulary (one
+float scatter, :func:`dense_target_logits`; the published code built an int64 one-hot per position,
+spec 14.3) is never materialised in training: :func:`mined_kd_per_token` scatters the teacher
+*probabilities* instead and uses the fused soft-target cross-entropy, which gives the same number
+because the fill entries have probability 0.
 
 ``combine`` is the published ``(1 - l) CE + l KD``; ``--loss-combination additive`` selects
 ``CE + l KD``. Temperature ``--kd-temperature`` divides both sides, ``--kd-temperature-scaling``
@@ -31,13 +34,13 @@ import os
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from mckd.criteria.base import (Criterion, CriterionOutput, CriterionResources, ModelDims, ModelView,
                                 register_criterion)
 from mckd.criteria.common import (combine_losses, count_tokens, label_mask, masked_sum, safe_targets,
                                   teacher_input_ids, upcast)
 from mckd.criteria.cross_entropy import sft_terms
-from mckd.criteria.divergences import forward_kl
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +68,11 @@ def invert_vocab_map(tea2stu: torch.Tensor, student_vocab: int) -> tuple[torch.T
     return first[student_ids], student_ids
 
 
-def mined_target_logits(teacher_logits: torch.Tensor, teacher_index: torch.Tensor,
-                        student_input_ids: torch.Tensor, teacher_input_ids: torch.Tensor,
-                        labels: torch.Tensor, tea2stu: torch.Tensor, stu2tea_teacher: torch.Tensor,
-                        stu2tea_student: torch.Tensor, student_vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Target logits in the student vocabulary (spec 6.5 steps 3-5), batched.
+def mined_transfer(teacher_logits: torch.Tensor, teacher_index: torch.Tensor,
+                   student_input_ids: torch.Tensor, teacher_input_ids: torch.Tensor,
+                   labels: torch.Tensor, tea2stu: torch.Tensor,
+                   stu2tea_teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conditions (a)-(c) and the teacher logits moved to the student vocabulary (spec 6.5 steps 3-4).
 
     Args:
         teacher_logits: (B, T_t, V_t) teacher logits (no gradient is taken through them).
@@ -78,13 +81,13 @@ def mined_target_logits(teacher_logits: torch.Tensor, teacher_index: torch.Tenso
         teacher_input_ids: (B, T_t) long.
         labels: (B, T_s) long, ``-100`` = ignored.
         tea2stu: (V_t',) long teacher id -> student id.
-        stu2tea_teacher / stu2tea_student: (K,) long, from :func:`invert_vocab_map`.
-        student_vocab: V_s.
+        stu2tea_teacher: (K,) long, from :func:`invert_vocab_map`.
 
     Returns:
-        ``(target, aligned)``: (B, T_s, V_s) target (fp32, or fp64 for fp64 teacher logits) logits and (B, T_s) bool, True where the
-        teacher supplied the target (conditions a-c); elsewhere the target is the one-hot fallback
-        (at non-label positions too; those are masked by the caller).
+        ``(cols, aligned)``: cols (B, T_s, K) fp32 (fp64 for fp64 logits), the teacher logit of
+        ``stu2tea_teacher[k]`` at the teacher position aligned to each student position, i.e. the
+        value that student id ``stu2tea_student[k]`` receives; 0 where not aligned (so that
+        NaN/inf at unused teacher rows never reach values or gradients). aligned (B, T_s) bool.
     """
     B, T_s = labels.shape
     if teacher_index.shape != labels.shape or student_input_ids.shape != labels.shape:
@@ -93,7 +96,6 @@ def mined_target_logits(teacher_logits: torch.Tensor, teacher_index: torch.Tenso
     if teacher_logits.shape[:2] != teacher_input_ids.shape:
         raise ValueError(f"min_edit_dis_kld: teacher logits {tuple(teacher_logits.shape)} do not match "
                          f"teacher_input_ids {tuple(teacher_input_ids.shape)}")
-    teacher_logits = teacher_logits.detach()
     pos = teacher_index.clamp_min(0)                                          # (B, T_s)
     # (a) one-to-one DTW alignment on a label position
     aligned = label_mask(labels) & teacher_index.ge(0)
@@ -102,21 +104,84 @@ def mined_target_logits(teacher_logits: torch.Tensor, teacher_index: torch.Tenso
     in_map = t_ids.lt(tea2stu.numel()) & t_ids.ge(0)
     mapped = tea2stu[t_ids.clamp(0, tea2stu.numel() - 1)]                    # (B, T_s)
     aligned = aligned & in_map & mapped.eq(student_input_ids)
-    # vocabulary transfer: the K mapped teacher columns at the aligned teacher rows, one gather
-    rows = torch.arange(B, device=pos.device)[:, None, None]
-    cols = teacher_logits[rows, pos[:, :, None], stu2tea_teacher[None, None, :]]
-    cols = upcast(cols)                                                       # (B, T_s, K) >= fp32
-    # (c) at least one transferred logit above the fill value
+    # one gather: the K mapped teacher columns (a 2-D index_select: the fast kernel), then the
+    # aligned teacher rows (plain indexing; CPU index_select over rows was erratic under load)
+    B_t, T_t, V_t = teacher_logits.shape
+    flat = teacher_logits.detach().reshape(B_t * T_t, V_t).index_select(1, stu2tea_teacher)  # (B*T_t, K)
+    rows = (pos + torch.arange(B, device=pos.device)[:, None] * T_t).reshape(-1)          # (B*T_s,)
+    cols = upcast(flat[rows].view(B, T_s, -1))                                            # (B, T_s, K)
+    # (c) at least one transferred logit above the fill value (False on NaN rows too)
     aligned = aligned & cols.amax(dim=-1).gt(FILL_LOGIT)
-    target = torch.full((B, T_s, student_vocab), FILL_LOGIT, dtype=cols.dtype,
-                        device=teacher_logits.device)
+    cols = torch.where(aligned[..., None], cols, cols.new_zeros(()))
+    return cols, aligned
+
+
+def dense_target_logits(cols: torch.Tensor, aligned: torch.Tensor, labels: torch.Tensor,
+                        stu2tea_student: torch.Tensor, student_vocab: int) -> torch.Tensor:
+    """The published target logits over the whole student vocabulary (spec 6.5 steps 3-5).
+
+    Transferred logits at ``stu2tea_student`` and -1e5 elsewhere on aligned rows; the one-hot
+    fallback (100 at the label, -1e5 elsewhere) on the others. The loss does not need this tensor
+    (:func:`mined_kd_per_token` works on the K mapped columns); it documents and tests the
+    published formulation: one scatter on a float tensor.
+
+    Args:
+        cols: (B, T_s, K), aligned: (B, T_s) from :func:`mined_transfer`.
+        labels: (B, T_s) long.
+        stu2tea_student: (K,) long.
+        student_vocab: V_s.
+
+    Returns:
+        (B, T_s, V_s) target logits, dtype of ``cols``.
+    """
+    B, T_s, _ = cols.shape
     fill = cols.new_full((), FILL_LOGIT)
+    target = cols.new_full((B, T_s, student_vocab), FILL_LOGIT)
     target.index_copy_(-1, stu2tea_student, torch.where(aligned[..., None], cols, fill))
-    # one-hot fallback: GOLD_LOGIT at the label of every position that is not aligned
     gold = safe_targets(labels)[..., None]                                    # (B, T_s, 1)
     gold_value = torch.where(aligned[..., None], target.gather(-1, gold), fill.new_full((), GOLD_LOGIT))
-    target.scatter_(-1, gold, gold_value)
-    return target, aligned
+    return target.scatter_(-1, gold, gold_value)
+
+
+def mined_kd_per_token(student_logits: torch.Tensor, cols: torch.Tensor, aligned: torch.Tensor,
+                       labels: torch.Tensor, stu2tea_student: torch.Tensor, temperature: float = 1.0,
+                       tau_squared: bool = False) -> torch.Tensor:
+    """Forward KL of the MinED target to the student at every position (spec 6.5 step 6).
+
+    Equal to ``forward_kl(student_logits, dense_target_logits(...), temperature=tau)`` (tested),
+    computed without the target logits: a target entry of -1e5 has probability
+    ``exp((-1e5 - max) / tau) / Z``, exactly 0 in fp32 for any tau below ~1000, so the target
+    distribution ``w`` is ``q = softmax(cols / tau)`` scattered onto the K mapped student ids on
+    aligned rows and the one-hot label elsewhere, and
+    ``KL(w || p) = CE(w, p) - H(w) = cross_entropy(z_s / tau, w) + sum_k q_k log q_k``.
+    One float scatter builds ``w``; the fused soft-target ``cross_entropy`` does the rest, so no
+    teacher-side softmax over V_s is needed.
+
+    Args:
+        student_logits: (B, T_s, V_s).
+        cols: (B, T_s, K), aligned: (B, T_s) from :func:`mined_transfer`.
+        labels: (B, T_s) long.
+        stu2tea_student: (K,) long student ids of the K columns.
+        temperature: tau (both sides).
+        tau_squared: multiply by tau^2.
+
+    Returns:
+        (B, T_s) fp32 (fp64 for fp64 logits); masking is the caller's.
+    """
+    B, T_s, V_s = student_logits.shape
+    scale = 1.0 / temperature
+    q = torch.softmax(cols * scale if temperature != 1.0 else cols, dim=-1)  # (B, T_s, K)
+    q = q * aligned[..., None].to(q.dtype)                                    # 0 on one-hot rows
+    neg_entropy = -torch.special.entr(q).sum(-1)                              # (B, T_s); 0 log 0 = 0
+    w = cols.new_zeros(B * T_s, V_s)
+    w.index_copy_(1, stu2tea_student, q.reshape(B * T_s, -1))                 # teacher rows
+    w.scatter_add_(1, safe_targets(labels).reshape(-1, 1),                    # one-hot rows
+                   (~aligned).reshape(-1, 1).to(w.dtype))
+    z = upcast(student_logits).reshape(B * T_s, V_s)
+    z = z * scale if temperature != 1.0 else z
+    soft_ce = F.cross_entropy(z, w, reduction="none").view(B, T_s)
+    value = soft_ce + neg_entropy
+    return value * temperature ** 2 if tau_squared else value
 
 
 @register_criterion("min_edit_dis_kld")
@@ -207,13 +272,13 @@ class MinEditDisKLD(Criterion):
         if student.logits.shape[-1] != self.student_vocab:
             raise ValueError(f"min_edit_dis_kld: student logits have {student.logits.shape[-1]} columns, "
                              f"the criterion was built for {self.student_vocab}")
-        target, aligned = mined_target_logits(
-            teacher.logits, batch[INDEX_KEY], batch["input_ids"], teacher_input_ids(batch), labels,
-            self.tea2stu, self.stu2tea_teacher, self.stu2tea_student, self.student_vocab)
+        cols, aligned = mined_transfer(teacher.logits, batch[INDEX_KEY], batch["input_ids"],
+                                       teacher_input_ids(batch), labels, self.tea2stu,
+                                       self.stu2tea_teacher)
         mask = label_mask(labels)
         ce, metrics = sft_terms(student.logits, labels, self.label_smoothing)
-        per_token = forward_kl(student.logits, target, temperature=self.kd_temperature,
-                               tau_squared=self.tau_squared)                   # (B, T_s)
+        per_token = mined_kd_per_token(student.logits, cols, aligned, labels, self.stu2tea_student,
+                                       self.kd_temperature, self.tau_squared)  # (B, T_s)
         kd = masked_sum(per_token, mask)
         loss = combine_losses(ce, kd, self.kd_rate, self.loss_combination, published="interpolate")
         # token sums: the loop divides by the label-token count, so aligned_fraction is a fraction
