@@ -139,6 +139,22 @@ def test_gradcheck_float64(name):
     assert torch.autograd.gradcheck(lambda x: fn(x, zt, temperature=1.5), (zs,), eps=1e-6, atol=1e-5)
 
 
+def test_adaptive_kl_weights_all_three_tiers_match_full_sort():
+    """top-K, the 16K retry and the full sort, mixed in one call (K = 2: tiers at 2, 32, V)."""
+    V = 200
+    q_logits = torch.cat([_logits(2, V, seed=21, scale=8.0),     # peaked: head within 2
+                          _logits(2, V, seed=22, scale=2.5),     # medium
+                          _logits(2, V, seed=23, scale=0.1)])    # flat: head > 32
+    p, q = torch.softmax(_logits(6, V, seed=24), -1), torch.softmax(q_logits, -1)
+    qs = q.sort(-1, descending=True).values
+    head = ((qs.cumsum(-1) - qs) < q.sum(-1, keepdim=True) - 0.5).sum(-1)
+    assert (head <= 2).any() and ((head > 2) & (head <= 32)).any() and (head > 32).any()
+    got = dv.adaptive_kl_weights(p, q, 0.5, top_k=2)
+    ref = dv.adaptive_kl_weights(p, q, 0.5, top_k=V)
+    torch.testing.assert_close(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1])
+
+
 def test_adaptive_kl_gradient_treats_weights_as_constants():
     zs = _logits(1, 3, 9, seed=19).double().requires_grad_(True)
     zt = _logits(1, 3, 9, seed=20).double()

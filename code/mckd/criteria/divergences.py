@@ -146,8 +146,9 @@ def adaptive_kl_weights(p: torch.Tensor, q: torch.Tensor, alpha: float,
     an entry with exclusive descending cumsum ``S`` has ``c = sum(q) - S``, so the head is exactly
     the largest entries with ``S < sum(q) - alpha``: a prefix of the descending order. We take
     ``topk(q, K)``; when the top-K mass reaches ``sum(q) - alpha`` (the K+1-th entry is already
-    tail) the head is inside it and ``g_tail = sum_v |q - p| - g_head``. Only rows whose head is
-    longer than K (a flat teacher) are fully sorted (costs one host synchronisation per call).
+    tail) the head is inside it and ``g_tail = sum_v |q - p| - g_head``. Rows whose head is longer
+    than K (a flat teacher) are retried with 16 K (1024), and only rows whose head is longer
+    still are fully sorted (one host synchronisation per call when any row is uncovered).
     Ties in q are ordered arbitrarily, as by ``torch.sort`` in the published code.
 
     Args:
@@ -166,16 +167,25 @@ def adaptive_kl_weights(p: torch.Tensor, q: torch.Tensor, alpha: float,
     k = min(V, top_k)
     qk, idx = q.topk(k, dim=-1)                                  # (..., K) descending
     excl = qk.cumsum(-1) - qk
-    head = excl < (total - alpha)
-    g_head = (gap.gather(-1, idx) * head).sum(-1)
+    g_head = (gap.gather(-1, idx) * (excl < (total - alpha))).sum(-1)
     covered = (qk.sum(-1, keepdim=True) >= total - alpha).squeeze(-1) | (k == V)
     if not bool(covered.all()):
+        # rare with trained teachers: retry the uncovered rows with a larger K, then a full sort
         rows = ~covered
-        qs, order = q[rows].sort(dim=-1, descending=True)        # (R, V)
-        tot = total[rows]
-        head_full = (qs.cumsum(-1) - qs) < (tot - alpha)
+        q_r, gap_r, tot_r = q[rows], gap[rows], total[rows]
+        k2 = min(V, 16 * top_k)
+        qs, order = q_r.topk(k2, dim=-1) if k2 < V else q_r.sort(dim=-1, descending=True)
+        ok = (qs.sum(-1, keepdim=True) >= tot_r - alpha).squeeze(-1) | (k2 == V)
+        if not bool(ok.all()):
+            qs2, order2 = q_r[~ok].sort(dim=-1, descending=True)
+            head2 = (qs2.cumsum(-1) - qs2) < (tot_r[~ok] - alpha)
+            g2 = (gap_r[~ok].gather(-1, order2) * head2).sum(-1)
+        head = (qs.cumsum(-1) - qs) < (tot_r - alpha)
+        g_r = (gap_r.gather(-1, order) * head).sum(-1)
+        if not bool(ok.all()):
+            g_r[~ok] = g2
         g_head = g_head.clone()
-        g_head[rows] = (gap[rows].gather(-1, order) * head_full).sum(-1)
+        g_head[rows] = g_r
     return g_head, g_total - g_head
 
 
