@@ -178,7 +178,10 @@ def cost_statistics(costs: list[torch.Tensor], plan: torch.Tensor, teacher_mask:
             c = c.detach().float()
             mean = masked_mean(c, teacher_mask, student_mask)                    # (B,)
             if statistic == "plan_ratio":
-                stat = (plan.detach().float() * c).sum((1, 2)) / mean.clamp_min(1e-12)
+                # A cost that is ~0 everywhere (e.g. KL between identical rows, which the 1e-7 floor
+                # can make slightly negative) says nothing about the alignment: ratio -> 1.
+                pc = (plan.detach().float() * c).sum((1, 2))
+                stat = (pc.clamp_min(0) + 1e-6) / (mean.clamp_min(0) + 1e-6)
             elif statistic == "mean_cost":
                 stat = mean
             else:
