@@ -67,3 +67,30 @@ def test_entry_point_smoke(tmp_path, tiny_models, data, criterion, teacher, extr
         ckpt = sorted(p for p in save.iterdir() if p.name.startswith("epoch"))[-1]
         state = torch.load(ckpt / "criterion.pt")
         assert any(k.startswith("projectors.t2s") for k in state)
+
+
+@pytest.mark.slow
+def test_entry_point_deepspeed_zero2_cma(tmp_path, tiny_models, data):
+    """DSKD-CMA (projectors in the DeepSpeed-wrapped module) under ZeRO-2, fp32, one CPU process,
+    through ``python code/distillation.py`` in a subprocess."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    save = tmp_path / "ds"
+    cmd = [sys.executable, str(ROOT / "code" / "distillation.py"),
+           "--model-path", str(tiny_models("gpt2")), "--teacher-model-path", str(tiny_models("qwen", seed=1)),
+           "--criterion", "dual_space_kd_with_cma", "--data-dir", str(data), "--save-dir", str(save),
+           "--lr", "1e-3", "--batch-size", "2", "--total-iters", "2", "--max-length", "64",
+           "--max-prompt-length", "32", "--log-interval", "1", "--eval-interval", "0", "--num-workers", "0",
+           "--deepspeed", "--deepspeed_config", str(ROOT / "configs" / "deepspeed" / "ds_config_zero2_fp32.json")]
+    env = dict(os.environ, MASTER_PORT=str(29500 + os.getpid() % 1000))
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(x) for x in Path(save, "metrics.jsonl").read_text().splitlines() if x.strip()]
+    train = [r for r in rows if "split" not in r]
+    assert [r["step"] for r in train] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["t2s_ce_loss"] > 0 and r["s2t_kd_loss"] > 0 for r in train)
+    ckpt = sorted(p for p in save.iterdir() if p.name.startswith("epoch"))[-1]
+    assert any(k.startswith("projectors.query") for k in torch.load(ckpt / "criterion.pt"))
