@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The main job on the embedded default: a fresh machine, no GPU, no downloads.
+#   bash scripts/tiny/run.sh                        # MCW-KD student, CPU, a few minutes
+#   CRITERION=dual_space_kd_with_cma bash scripts/tiny/run.sh
+# Steps (each through the project's real entry points, nothing special-cased in the library):
+#   1. build data/tiny and model_hub/tiny (python -m mckd.tiny.build) when missing;
+#   2. SFT the teacher (code/distillation.py, cross_entropy) - reused when already trained;
+#   3. SFT the student as the baseline (BASELINE=0 skips it);
+#   4. distil the student with CRITERION (default mcw_kd; the same-vocabulary teacher is used for
+#      various_divergence and dual_space_kd);
+#   5. evaluate each model on data/tiny/valid.jsonl (code/evaluate.py, published sampling protocol)
+#      and print the ROUGE-L table (also written to outputs/tiny/results.{md,csv}).
+# Environment (all optional): CRITERION, BASELINE, TEACHER_EPOCH (6), STUDENT_EPOCH (3),
+# EVAL_SEEDS ("10"), EVAL_NUM (test examples, -1 = all), EVAL_ARGS (extra evaluate.py flags),
+# TEACHER_ARGS / STUDENT_ARGS (extra distillation.py flags of the stage), plus every variable of
+# scripts/tiny/train.sh and scripts/lib/common.sh (GPUS, LR, BATCH_SIZE, ...). A stage whose
+# run directory already holds a checkpoint is reused; delete outputs/tiny to start over.
+set -euo pipefail
+BASE_PATH=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+TRAIN="${BASE_PATH}/scripts/tiny/train.sh"
+: "${PYTHON:=python}"
+: "${CRITERION:=mcw_kd}"
+: "${BASELINE:=1}"
+: "${TEACHER_EPOCH:=6}"
+: "${STUDENT_EPOCH:=3}"
+: "${EVAL_SEEDS:=10}"
+: "${EVAL_NUM:=-1}"
+: "${EVAL_ARGS:=}"
+: "${TEACHER_ARGS:=}"
+: "${STUDENT_ARGS:=}"
+: "${GPUS=}"
+export GPUS PYTHON
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+export PYTHONPATH="${BASE_PATH}/code${PYTHONPATH:+:${PYTHONPATH}}"
+: "${OUT:=${BASE_PATH}/outputs/tiny}"
+say() { echo "[tiny] $*" >&2; }
+best() { "${PYTHON}" "${BASE_PATH}/scripts/lib/find_checkpoint.py" "$1" || true; }
+
+# stage NAME RUN_DIR ENV... : train unless RUN_DIR already holds a checkpoint; print the best one
+stage() {
+  local name=$1 dir=$2 ckpt; shift 2
+  ckpt=$(best "${dir}")
+  if [[ -n "${ckpt}" ]]; then
+    say "${name}: reusing ${ckpt}"
+  else
+    say "${name}: training into ${dir}"
+    local resume=0
+    [[ -d "${dir}" ]] && resume=1   # an interrupted run: continue it
+    env SAVE_PATH="${dir}" RESUME="${resume}" "$@" bash "${TRAIN}" >&2
+    ckpt=$(best "${dir}")
+    [[ -n "${ckpt}" ]] || { say "error: ${name} produced no checkpoint in ${dir}"; exit 1; }
+  fi
+  echo "${ckpt}"
+}
+
+SECONDS=0
+say "1/5 assets"
+"${PYTHON}" -m mckd.tiny.build --out "${BASE_PATH}" >&2
+
+case "${CRITERION}" in
+  various_divergence|dual_space_kd) TEACHER=teacher_same_vocab ;;
+  cross_entropy) say "error: CRITERION=cross_entropy is the baseline; pick a KD criterion"; exit 2 ;;
+  *) TEACHER=teacher ;;
+esac
+
+say "2/5 SFT of the ${TEACHER}"
+TEACHER_CKPT=$(stage "teacher SFT" "${OUT}/${TEACHER}/sft/run" MODEL="${TEACHER}" \
+  CRITERION=cross_entropy EPOCH="${TEACHER_EPOCH}" EXTRA_ARGS="${TEACHER_ARGS}")
+
+ROWS=("${TEACHER_CKPT}") NAMES=("teacher (${TEACHER}, SFT)")
+if [[ "${BASELINE}" == 1 ]]; then
+  say "3/5 SFT of the student (baseline)"
+  SFT_CKPT=$(stage "student SFT" "${OUT}/student/sft/run" MODEL=student CRITERION=cross_entropy \
+    EPOCH="${STUDENT_EPOCH}" EXTRA_ARGS="${STUDENT_ARGS}")
+  ROWS+=("${SFT_CKPT}") NAMES+=("student SFT")
+fi
+
+say "4/5 distillation of the student with ${CRITERION}"
+KD_CKPT=$(stage "student ${CRITERION}" "${OUT}/student/${CRITERION}/run" MODEL=student \
+  CRITERION="${CRITERION}" EPOCH="${STUDENT_EPOCH}" TEACHER_MODEL_PATH="${TEACHER_CKPT}" \
+  TEACHER_MODEL_NAME="${TEACHER}" EXTRA_ARGS="${STUDENT_ARGS}")
+ROWS+=("${KD_CKPT}") NAMES+=("student ${CRITERION}")
+
+say "5/5 evaluation on data/tiny/valid.jsonl"
+for ckpt in "${ROWS[@]}"; do
+  # shellcheck disable=SC2086  # EVAL_SEEDS and EVAL_ARGS are lists
+  "${PYTHON}" "${BASE_PATH}/code/evaluate.py" run --ckpt "${ckpt}" --data-dir "${BASE_PATH}/data" \
+    --datasets tiny --seeds ${EVAL_SEEDS} --eval-batch-size 50 --max-prompt-length 128 \
+    --max-new-tokens 64 --dev-num "${EVAL_NUM}" --device cpu --log-level WARNING ${EVAL_ARGS} >/dev/null
+done
+"${PYTHON}" "${BASE_PATH}/code/evaluate.py" compare "${ROWS[@]}" --names "${NAMES[@]}" \
+  --out "${OUT}/results" --log-level WARNING
+say "done in ${SECONDS}s; checkpoints: ${ROWS[*]}"
