@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ def data(tmp_path_factory):
     return sup.write_data(tmp_path_factory.mktemp("data"), n_train=16, n_dev=4)
 
 
+@pytest.mark.slow
 def test_sft_end_to_end_checkpoint_loads(tiny_models, data, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -46,6 +50,7 @@ def test_sft_end_to_end_checkpoint_loads(tiny_models, data, tmp_path):
     assert max(diff) > 0  # the saved weights are the trained ones
 
 
+@pytest.mark.slow
 def test_vanilla_kd_runs_and_saves_criterion_state(tiny_models, data, tmp_path):
     student, teacher = tiny_models("gpt2"), tiny_models("gpt2", seed=1)
     out = tmp_path / "kd"
@@ -78,6 +83,7 @@ def test_bad_teacher_fails_before_any_output(tiny_models, data, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_nan_steps_are_skipped_then_abort_with_checkpoint(tiny_models, data, tmp_path):
     sup.NaNAt.calls, sup.NaNAt.bad_calls = 0, {2}  # first micro-batch of the second step
     out = tmp_path / "nan1"
@@ -96,3 +102,27 @@ def test_nan_steps_are_skipped_then_abort_with_checkpoint(tiny_models, data, tmp
     assert saved and (saved[0] / "model.safetensors").is_file()
     assert saved[0].name == "epoch0_step1_nan-abort"  # the state after the last good step
     sup.NaNAt.bad_calls = set()
+
+
+@pytest.mark.slow
+def test_entry_point_vanilla_kd_with_real_criterion(tiny_models, data, tmp_path):
+    """``python code/distillation.py`` with the published vanilla-KD flags."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "vkd"
+    argv = sup.train_argv(tiny_models("gpt2"), data, out, "--total-iters", "2", "--teacher-model-path",
+                          str(tiny_models("gpt2", seed=1)), "--kd-rate", "0.5", "--kd-temperature",
+                          "2.0", "--kd-objective", "forward_kl", "--do-train", "--do-valid",
+                          "--eval-gen", "--eval-gen-num", "2", "--max-new-tokens", "4",
+                          "--keep-best-n-checkpoints", "1", criterion="various_divergence")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, str(root / "code" / "distillation.py"), *argv], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    dev = [r for r in sup.read_jsonl(out / "metrics.jsonl") if r.get("split") == "dev"]
+    assert dev and "rougeL" in dev[-1] and dev[-1]["loss"] > 0
+    train = [r for r in sup.read_jsonl(out / "metrics.jsonl") if "split" not in r]
+    assert all(r["kd_loss"] >= 0 and r["nll_loss"] > 0 for r in train)
+    # a bad flag exits with status 2 and a suggestion, before anything is written
+    res = subprocess.run([sys.executable, str(root / "code" / "distillation.py"), *argv[:-2],
+                          "--kd-temprature", "2"], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and "did you mean '--kd-temperature'" in res.stderr

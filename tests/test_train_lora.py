@@ -13,6 +13,7 @@ from mckd.models.loading import ModelLoadError, load_student, load_teacher
 from mckd.train.loop import run
 
 
+@pytest.mark.slow
 def test_lora_student_trains_adapters_and_saves_adapter(tiny_models, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -115,6 +115,13 @@ class Trainer:
         self.total_steps = cfg.derived["total_steps"]
         self.run_steps = cfg.derived["run_steps"]
         self.ipe = cfg.derived["iters_per_epoch"]
+        if self.resume_from is not None:
+            saved = json.loads((self.resume_from / ckpt_io.STATE_JSON).read_text())
+            if saved.get("data_layout") not in (None, self._data_layout()):
+                raise ConfigError(f"--resume: {self.resume_from} was written with data layout "
+                                  f"{saved['data_layout']} (world size, batch size, accumulation, "
+                                  f"training examples) but this run has {self._data_layout()}; "
+                                  "the data position cannot be carried over")
         self._build_engine()
         # Nothing failed: from here on the run directory is written.
         if dist.is_main():
@@ -125,8 +132,9 @@ class Trainer:
         _setup_file_logging(self.save_dir)
         self.state = {"global_step": 0, "epoch": 0, "consumed": 0, "nan_streak": 0}
         if self.resume_from is not None:
-            self.state.update(ckpt_io.load_resume_state(self.resume_from, engine=self.engine,
-                                                        criterion=self.criterion)["loop"])
+            saved = ckpt_io.load_resume_state(self.resume_from, engine=self.engine,
+                                              criterion=self.criterion)
+            self.state.update(saved["loop"])
             logger.info("resumed from %s at step %d", self.resume_from, self.state["global_step"])
         self._open_writers()
         return self
@@ -166,9 +174,10 @@ class Trainer:
         d, e = self.cfg.data, self.cfg.eval
         align = tuple(self.crit_cls.alignment)
         kw = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length)
-        # Rank 0 tokenises and caches first; the others then read the cache.
+        # Local rank 0 of every node tokenises and caches first (node-local or shared cache
+        # directories both work); the other ranks then read the cache.
         for turn in (0, 1):
-            if (turn == 0) == dist.is_main():
+            if (turn == 0) == (dist.local_rank() == 0):
                 self.train_set = build_dataset(Path(d.data_dir) / "train.jsonl",
                                                student_tokenizer=self.tokenizer,
                                                teacher_tokenizer=self.teacher_tokenizer,
@@ -369,6 +378,10 @@ class Trainer:
         logger.info("training done at step %d", st["global_step"])
         return {"global_step": st["global_step"], "dev": dev}
 
+    def _data_layout(self) -> list[int]:
+        t = self.cfg.train
+        return [self.world, t.batch_size, t.gradient_accumulation_steps, len(self.train_set)]
+
     def _due(self, step: int, epoch_done: bool, interval: int) -> bool:
         if interval <= 0:
             return False
@@ -432,6 +445,7 @@ class Trainer:
         if tag is not None:
             name += f"_{tag}"
         state = {"loop": dict(st), "dev": dev or {}, "total_steps": self.total_steps,
+                 "data_layout": self._data_layout(),
                  "world_size": self.world, "criterion": self.cfg.model.criterion}
         path = ckpt_io.save_checkpoint(self.save_dir, name, engine=self.engine,
                                        student=self.engine.raw.student, criterion=self.criterion,
