@@ -251,6 +251,8 @@ def build_parser(with_criteria: bool = True) -> argparse.ArgumentParser:
                 kwargs["type"] = t
                 if c["choices"]:
                     kwargs["choices"] = c["choices"]
+                else:
+                    kwargs["metavar"] = f.name.upper()
             group.add_argument(_flag(f), *c["aliases"], **kwargs)
     compat = parser.add_argument_group("published flags kept for compatibility (see docs/training.md)")
     for flag, nargs in COMPAT_SILENT.items():
