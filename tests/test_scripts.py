@@ -237,3 +237,38 @@ def test_deepspeed_configs_fill_and_validate(path):
     assert ds.zero_optimization_stage == stage and ds.train_batch_size == 8
     assert ds.gradient_clipping == 1.0
     assert (ds.zero_config.offload_optimizer is not None) == ("offload" in path.name)
+
+
+@pytest.mark.slow
+def test_tiny_run_end_to_end(tmp_path):
+    """scripts/tiny/run.sh in a copy of the project: build, teacher SFT, student SFT, MCW-KD,
+    evaluation and the results table, with tiny data and step counts (about a minute on CPU)."""
+    copy = tmp_path / "project"
+    for d in ("scripts", "code", "configs"):
+        shutil.copytree(ROOT / d, copy / d, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    env = {k: v for k, v in os.environ.items() if k not in _SCRIPT_VARS}
+    env.update(PYTHON=sys.executable, BUILD_ARGS="--train-size 96 --dev-size 8 --test-size 8",
+               TEACHER_ARGS="--max-steps 3", STUDENT_ARGS="--max-steps 2", TEACHER_EPOCH="1",
+               STUDENT_EPOCH="1", BATCH_SIZE="8", DEV_NUM="4", EVAL_NUM="4", MAX_LENGTH="160",
+               EVAL_ARGS="--no-lm-loss")
+    proc = subprocess.run(["bash", str(copy / "scripts/tiny/run.sh")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = copy / "outputs" / "tiny"
+    table = (out / "results.md").read_text()
+    for row in ("teacher (teacher, SFT)", "student SFT", "student mcw_kd"):
+        assert row in table and row in proc.stdout
+    csv_rows = (out / "results.csv").read_text().strip().splitlines()
+    assert len(csv_rows) == 4
+    for stage in ("teacher/sft/run", "student/sft/run", "student/mcw_kd/run"):
+        run = out / stage
+        args = json.loads((run / "args.json").read_text())
+        assert args["data"]["data_dir"].startswith(str(copy / "data" / "tiny"))
+        ckpts = [p for p in run.iterdir() if p.name.startswith("epoch")]
+        assert ckpts and (ckpts[0] / "eval" / "results.json").is_file()
+    kd_args = json.loads((out / "student/mcw_kd/run/args.json").read_text())
+    assert kd_args["model"]["teacher_model_path"].startswith(str(out / "teacher/sft/run"))
+    # a second call reuses every stage and only re-prints the table
+    again = subprocess.run(["bash", str(copy / "scripts/tiny/run.sh")], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0 and again.stderr.count("reusing") == 3

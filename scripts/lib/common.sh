@@ -135,7 +135,7 @@ mckd_train() {
   : "${SAVE_PATH:=${BASE_PATH}/outputs/${CKPT_TYPE}/${CKPT_NAME}/${TASK}/${SETTING}}"
 
   local opts=(
-    --model-path "${CKPT_PATH}" --model-type "${CKPT_TYPE}"
+    --model-path "${CKPT_PATH}" --model-type "${MODEL_TYPE:-${CKPT_TYPE}}"
     --data-dir "${DATA_DIR}" --num-workers "${NUM_WORKERS}" --dev-num "${DEV_NUM}" --task "${TASK}"
     --criterion "${CRITERION}"
     --lr "${LR}" --batch-size "${BATCH_SIZE}" --eval-batch-size "${EVAL_BATCH_SIZE}"

@@ -11,6 +11,7 @@
 #   5. evaluate each model on data/tiny/valid.jsonl (code/evaluate.py, published sampling protocol)
 #      and print the ROUGE-L table (also written to outputs/tiny/results.{md,csv}).
 # Environment (all optional): CRITERION, BASELINE, TEACHER_EPOCH (6), STUDENT_EPOCH (3),
+# BUILD_ARGS (extra mckd.tiny.build flags, e.g. "--train-size 8000"), OUT (outputs/tiny),
 # EVAL_SEEDS ("10"), EVAL_NUM (test examples, -1 = all), EVAL_ARGS (extra evaluate.py flags),
 # TEACHER_ARGS / STUDENT_ARGS (extra distillation.py flags of the stage), plus every variable of
 # scripts/tiny/train.sh and scripts/lib/common.sh (GPUS, LR, BATCH_SIZE, ...). A stage whose
@@ -28,6 +29,7 @@ TRAIN="${BASE_PATH}/scripts/tiny/train.sh"
 : "${EVAL_ARGS:=}"
 : "${TEACHER_ARGS:=}"
 : "${STUDENT_ARGS:=}"
+: "${BUILD_ARGS:=}"
 : "${GPUS=}"
 export GPUS PYTHON
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
@@ -55,7 +57,8 @@ stage() {
 
 SECONDS=0
 say "1/5 assets"
-"${PYTHON}" -m mckd.tiny.build --out "${BASE_PATH}" >&2
+# shellcheck disable=SC2086
+"${PYTHON}" -m mckd.tiny.build --out "${BASE_PATH}" ${BUILD_ARGS} >&2
 
 case "${CRITERION}" in
   various_divergence|dual_space_kd) TEACHER=teacher_same_vocab ;;
