@@ -119,7 +119,7 @@ def test_models_load_and_match_tokenizers(built):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base, manifest = built
-    expect = {"student": ("gpt2", "student"), "teacher": ("qwen2", "teacher"),
+    expect = {"student": ("gpt2", "student"), "teacher": ("llama", "teacher"),
               "teacher_same_vocab": ("gpt2", "student")}
     for name, (model_type, tok_name) in expect.items():
         path = base / "models" / name
@@ -128,6 +128,11 @@ def test_models_load_and_match_tokenizers(built):
         ref = AutoTokenizer.from_pretrained(base / "models" / "tokenizers" / tok_name)
         assert model.config.model_type == model_type
         assert model.config.vocab_size == len(tok) and tok.get_vocab() == ref.get_vocab()
+        # loaded next to its config, the tokenizer keeps its own pipeline (transformers may swap in
+        # the architecture's tokenizer class, which would segment and decode differently)
+        text = "The favorite color of Vera is brown.\nSort: 3, 1"
+        assert tok.encode(text, add_special_tokens=False) == ref.encode(text, add_special_tokens=False)
+        assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
         assert model.config.eos_token_id == tok.eos_token_id
         assert sum(p.numel() for p in model.parameters()) == manifest["parameters"][name]
         ids = torch.tensor([tok.encode("Sort the numbers.", add_special_tokens=False)])

@@ -19,7 +19,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
 : "${MODEL:=student}"
 : "${CKPT_TYPE:=tiny}"
 : "${CKPT_NAME:=${MODEL}}"
-: "${MODEL_TYPE:=$([[ "${MODEL}" == teacher ]] && echo qwen2 || echo gpt2)}"
+: "${MODEL_TYPE:=$([[ "${MODEL}" == teacher ]] && echo llama || echo gpt2)}"
 : "${CRITERION:=cross_entropy}"
 : "${TASK:=$([[ "${CRITERION}" == cross_entropy ]] && echo sft || echo "${CRITERION}")}"
 : "${BATCH_SIZE:=16}"
@@ -33,7 +33,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
 if [[ "${CRITERION}" != cross_entropy ]]; then
   [[ -n "${TEACHER_MODEL_PATH:-}" ]] || mckd_die "CRITERION=${CRITERION} needs TEACHER_MODEL_PATH"
   : "${TEACHER_MODEL_NAME:=$(basename "$(dirname "$(dirname "$(dirname "${TEACHER_MODEL_PATH}")")")")}"
-  : "${TEACHER_MODEL_TYPE:=$([[ "${TEACHER_MODEL_NAME}" == teacher ]] && echo qwen2 || echo gpt2)}"
+  : "${TEACHER_MODEL_TYPE:=$([[ "${TEACHER_MODEL_NAME}" == teacher ]] && echo llama || echo gpt2)}"
   case "${CRITERION}" in
     mcw_kd) : "${KD_RATE:=5.0}"; : "${KD_TEMP:=3.0}" ;;     # MCW GPT-2 values
     multi_level_ot) : "${KD_RATE:=1.0}"; : "${KD_TEMP:=3.0}" ;;

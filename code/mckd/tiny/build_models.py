@@ -1,7 +1,10 @@
 """Tiny random-init models of the embedded default, in standard HF architectures (DESIGN 6).
 
-* ``teacher``: Qwen2-style (RoPE, RMSNorm, SwiGLU, grouped-query attention) with the teacher's
-  SentencePiece-style tokenizer: the cross-vocabulary pair (like GPT2 <- Qwen1.5 in the paper).
+* ``teacher``: Llama-style (RoPE, RMSNorm, SwiGLU, grouped-query attention) with the teacher's
+  SentencePiece-style tokenizer: the cross-vocabulary pair (like GPT2 <- Qwen1.5, TinyLLaMA <-
+  Mistral in the papers). Not Qwen2: transformers 5 binds the ``qwen2`` model type to its
+  byte-level Qwen2 tokenizer and would rebuild our Metaspace tokenizer as byte-level on load (spaces
+  vanish from decoded text); the ``llama`` type keeps the tokenizer as saved.
 * ``teacher_same_vocab``: GPT-2-style, larger, with the *student's* tokenizer: the same-vocabulary
   pair for vanilla KD and DSKD (like GPT2-base <- GPT2-XL).
 * ``student``: GPT-2-style, smaller, byte-level BPE tokenizer.
@@ -27,8 +30,8 @@ class ModelSize:
     layers: int
     hidden: int
     heads: int
-    kv_heads: int | None = None  # Qwen2 only: grouped-query attention
-    intermediate: int | None = None  # Qwen2 only: SwiGLU width (GPT-2 uses 4*hidden)
+    kv_heads: int | None = None  # Llama only: grouped-query attention
+    intermediate: int | None = None  # Llama only: SwiGLU width (GPT-2 uses 4*hidden)
 
 
 DEFAULT_SIZES = {
@@ -53,11 +56,11 @@ def gpt2_config(tok, size: ModelSize):
                       **_special_ids(tok))
 
 
-def qwen2_config(tok, size: ModelSize):
-    """A Qwen2 config sized ``size`` with the vocabulary and special ids of ``tok``."""
-    from transformers import Qwen2Config
+def llama_config(tok, size: ModelSize):
+    """A Llama config sized ``size`` with the vocabulary and special ids of ``tok``."""
+    from transformers import LlamaConfig
 
-    return Qwen2Config(vocab_size=len(tok), hidden_size=size.hidden, num_hidden_layers=size.layers,
+    return LlamaConfig(vocab_size=len(tok), hidden_size=size.hidden, num_hidden_layers=size.layers,
                        num_attention_heads=size.heads,
                        num_key_value_heads=size.kv_heads or size.heads,
                        intermediate_size=size.intermediate or 4 * size.hidden,
@@ -97,7 +100,7 @@ def build_models(student_tok_dir: str | Path, teacher_tok_dir: str | Path, out_d
     return {
         "student": save_model(gpt2_config(stok, sizes["student"]), student_tok_dir,
                               out_dir / "student", seed=seed),
-        "teacher": save_model(qwen2_config(ttok, sizes["teacher"]), teacher_tok_dir,
+        "teacher": save_model(llama_config(ttok, sizes["teacher"]), teacher_tok_dir,
                               out_dir / "teacher", seed=seed + 1),
         "teacher_same_vocab": save_model(gpt2_config(stok, sizes["teacher_same_vocab"]),
                                          student_tok_dir, out_dir / "teacher_same_vocab",

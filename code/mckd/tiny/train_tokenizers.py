@@ -16,6 +16,7 @@ is what the cross-tokenizer criteria need to be exercised on.
 from __future__ import annotations
 
 import logging
+import string
 from pathlib import Path
 from typing import Iterable
 
@@ -61,8 +62,8 @@ def train_byte_level_bpe(texts: Iterable[str], out_dir: str | Path, *, vocab_siz
 def train_metaspace_bpe(texts: Iterable[str], out_dir: str | Path, *, vocab_size: int = 1536) -> Path:
     """Train a SentencePiece-style (Metaspace + BPE) tokenizer and save it in ``out_dir``.
 
-    Newlines are split off as their own pieces (as Llama's ``<0x0A>``); every character of the
-    corpus is in the vocabulary, unseen characters map to ``<unk>``.
+    Newlines are split off as their own pieces (as Llama's ``<0x0A>``); every printable ASCII
+    character and every character of the corpus is in the vocabulary, anything else maps to ``<unk>``.
 
     Args:
         texts: training corpus (prompts and answers).
@@ -78,7 +79,8 @@ def train_metaspace_bpe(texts: Iterable[str], out_dir: str | Path, *, vocab_size
     ])
     tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
     specials = list(TEACHER_SPECIALS.values())
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=sorted(set(string.printable) - set(" \t\n\r\x0b\x0c")))
     tok.train_from_iterator(texts, trainer=trainer)
     logger.info("teacher Metaspace+BPE: %d tokens", tok.get_vocab_size())
     return _wrap_and_save(tok, Path(out_dir), **TEACHER_SPECIALS)
