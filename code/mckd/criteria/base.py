@@ -97,7 +97,7 @@ class Criterion(nn.Module):
 
     needs_teacher: ClassVar[bool] = False
     needs_hidden: ClassVar[bool] = False
-    alignment: ClassVar[tuple[str, ...]] = ()
+    alignment: tuple[str, ...] = ()  # class default; an instance may narrow it from its options
     cross_tokenizer: ClassVar[bool] = False
 
     @classmethod

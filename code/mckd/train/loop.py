@@ -172,7 +172,7 @@ class Trainer:
         from mckd.data import DistillCollator, build_dataset, build_prompt_dataset
 
         d, e = self.cfg.data, self.cfg.eval
-        align = tuple(self.crit_cls.alignment)
+        align = tuple(self.criterion.alignment)  # the instance knows what its options need
         kw = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length)
         # Local rank 0 of every node tokenises and caches first (node-local or shared cache
         # directories both work); the other ranks then read the cache.
