@@ -218,6 +218,42 @@ def test_mined_reports_the_vocab_map_command():
     assert "mckd.data.vocab_map" in proc.stderr and "/nonexistent/map.json" in proc.stderr
 
 
+@pytest.mark.parametrize("criterion", ["cross_entropy", "various_divergence", "dual_space_kd",
+                                       "dual_space_kd_with_cma", "min_edit_dis_kld",
+                                       "universal_logit_distillation", "multi_level_ot", "mcw_kd"])
+def test_tiny_stage_dry_run(criterion, tmp_path):
+    teacher = "teacher_same_vocab" if criterion in ("various_divergence", "dual_space_kd") else "teacher"
+    env = dict(CRITERION=criterion, TEACHER_MODEL_NAME=teacher,
+               TEACHER_MODEL_PATH=tmp_path / f"outputs/tiny/{teacher}/sft/run/epoch1_step9")
+    if criterion == "cross_entropy":
+        env = dict(MODEL="teacher")
+    proc = run_script(ROOT / "scripts/tiny/train.sh", **env)
+    launch, args = split_command(proc.stdout)
+    assert launch[0] == sys.executable  # CPU unless GPUS is set
+    cfg = parse(args)
+    ns = cfg.namespace()
+    assert cfg.model.criterion == criterion and cfg.train.precision == "fp32"
+    assert cfg.data.data_dir == str(ROOT / "data" / "tiny")
+    assert Path(cfg.train.save_dir).parents[2] == ROOT / "outputs" / "tiny"
+    if criterion == "cross_entropy":
+        assert cfg.model.model_path == str(ROOT / "model_hub/tiny/teacher")
+        assert cfg.model.model_type == "llama" and cfg.model.teacher_model_path is None
+        return
+    assert cfg.model.model_path == str(ROOT / "model_hub/tiny/student")
+    assert cfg.model.teacher_model_type == ("gpt2" if teacher == "teacher_same_vocab" else "llama")
+    needs_projector = criterion in ("dual_space_kd", "dual_space_kd_with_cma", "mcw_kd")
+    assert (ns.projector_config_path is not None) == needs_projector
+    assert ns.kd_rate == {"mcw_kd": 5.0, "multi_level_ot": 1.0}.get(criterion, 0.5)
+    if criterion == "min_edit_dis_kld":
+        assert ns.teacher_to_student_id_mapping.endswith("teacher_to_student.json")
+        assert "mckd.data.vocab_map" in proc.stderr
+
+
+def test_tiny_scripts_are_valid_bash():
+    for name in ("run.sh", "train.sh", "compare.sh"):
+        assert subprocess.run(["bash", "-n", str(ROOT / "scripts/tiny" / name)]).returncode == 0
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "deepspeed").glob("*.json")), ids=lambda p: p.name)
 def test_deepspeed_configs_fill_and_validate(path):
     from deepspeed.runtime.config import DeepSpeedConfig
