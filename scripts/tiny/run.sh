@@ -10,7 +10,7 @@
 #      various_divergence and dual_space_kd);
 #   5. evaluate each model on data/tiny/valid.jsonl (code/evaluate.py, published sampling protocol)
 #      and print the ROUGE-L table (also written to outputs/tiny/results.{md,csv}).
-# Environment (all optional): CRITERION, BASELINE, TEACHER_EPOCH (6), STUDENT_EPOCH (3),
+# Environment (all optional): CRITERION, BASELINE, TEACHER_EPOCH (4), STUDENT_EPOCH (2),
 # BUILD_ARGS (extra mckd.tiny.build flags, e.g. "--train-size 8000"), OUT (outputs/tiny),
 # EVAL_SEEDS ("10"), EVAL_NUM (test examples, -1 = all), EVAL_ARGS (extra evaluate.py flags),
 # TEACHER_ARGS / STUDENT_ARGS (extra distillation.py flags of the stage), plus every variable of
@@ -22,8 +22,8 @@ TRAIN="${BASE_PATH}/scripts/tiny/train.sh"
 : "${PYTHON:=python}"
 : "${CRITERION:=mcw_kd}"
 : "${BASELINE:=1}"
-: "${TEACHER_EPOCH:=6}"
-: "${STUDENT_EPOCH:=3}"
+: "${TEACHER_EPOCH:=4}"
+: "${STUDENT_EPOCH:=2}"
 : "${EVAL_SEEDS:=10}"
 : "${EVAL_NUM:=-1}"
 : "${EVAL_ARGS:=}"
