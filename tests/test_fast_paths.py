@@ -68,3 +68,23 @@ def test_forward_kl_constant_teacher_backward_twice_keeps_saved_tensors():
     g1, = torch.autograd.grad(val, zs, retain_graph=True)
     g2, = torch.autograd.grad(val, zs)
     torch.testing.assert_close(g1, g2, atol=0, rtol=0)
+
+
+def test_label_rows_gather_equals_masking_values_and_gradients():
+    from mckd.criteria.common import cross_entropy_sum, gather_rows, label_mask, label_rows
+    labels = torch.tensor([[-100, 3, 1, -100], [2, -100, -100, 0]])
+    z = _logits(2, 4, 5, seed=9).requires_grad_(True)
+    rows = label_rows(label_mask(labels))
+    assert rows.tolist() == [1, 2, 4, 7]
+    zr = gather_rows(z, rows)
+    assert zr.shape == (4, 5)
+    torch.testing.assert_close(zr, z.detach()[label_mask(labels)])
+    loss, _ = cross_entropy_sum(z, labels, label_smoothing=0.1)
+    loss.backward()
+    zf = z.detach().reshape(-1, 5).requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(zf, labels.reshape(-1), ignore_index=-100, reduction="sum",
+                                            label_smoothing=0.1)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(z.grad.reshape(-1, 5), zf.grad)
+    assert (z.grad[~label_mask(labels)] == 0).all()

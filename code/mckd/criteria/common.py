@@ -80,13 +80,66 @@ def token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.where(label_mask(labels), tok, torch.zeros_like(tok))
 
 
+def label_rows(mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the True entries of a position mask (one host synchronisation).
+
+    Vocabulary-sized work (head projections, log-softmaxes, divergences) is done on these rows
+    only instead of on every position and then masked; on Dolly-like batches about half of the
+    positions are labels, so this halves that work (benchmarks/BENCHMARKS.md).
+
+    Args:
+        mask: (B, T) bool.
+
+    Returns:
+        (n,) long indices into the flattened (B * T) positions.
+    """
+    return mask.reshape(-1).nonzero().squeeze(-1)
+
+
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` at flat positions ``rows`` (differentiable; backward scatters into zeros).
+
+    Args:
+        x: (B, T, ...) tensor.
+        rows: (n,) long indices from :func:`label_rows`.
+
+    Returns:
+        (n, ...).
+    """
+    return x.reshape(-1, *x.shape[2:]).index_select(0, rows)
+
+
+def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor,
+                       label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-summed cross-entropy over rows that are all supervised (see :func:`cross_entropy_sum`).
+
+    Args:
+        logits: (n, V) any float dtype (upcast to fp32).
+        targets: (n,) long, valid vocabulary ids.
+        label_smoothing: eps in [0, 1).
+
+    Returns:
+        ``(loss_sum, nll_sum)`` 0-dim fp32 tensors.
+    """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"cross_entropy_sum: label_smoothing must be in [0, 1), got {label_smoothing}")
+    logp = torch.log_softmax(upcast(logits), dim=-1)                      # (n, V)
+    nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)             # (n,)
+    nll_sum = nll.sum()
+    if label_smoothing == 0.0:
+        return nll_sum, nll_sum
+    smooth = -logp.mean(dim=-1)                                           # (n,)
+    return ((1.0 - label_smoothing) * nll + label_smoothing * smooth).sum(), nll_sum
+
+
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor,
                       label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-summed cross-entropy in fp32, with correct label smoothing.
 
     With smoothing ``eps`` the per-token loss is ``(1 - eps) * nll + eps * mean_v(-log p_v)``
     (the same definition as :func:`torch.nn.functional.cross_entropy`). The published code
-    multiplied the NLL part by the number of tokens (spec D4); this does not.
+    multiplied the NLL part by the number of tokens (spec D4); this does not. The log-softmax is
+    computed on the label rows only (:func:`label_rows`).
 
     Args:
         logits: (B, T, V) any float dtype (upcast to fp32).
@@ -97,17 +150,8 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor,
         ``(loss_sum, nll_sum)``: 0-dim fp32 tensors; ``loss_sum == nll_sum`` when eps is 0.
     """
     _check_logits_labels(logits, labels, "cross_entropy_sum")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"cross_entropy_sum: label_smoothing must be in [0, 1), got {label_smoothing}")
-    mask = label_mask(labels)
-    logp = torch.log_softmax(upcast(logits), dim=-1)                      # (B, T, V)
-    nll = -logp.gather(-1, safe_targets(labels).unsqueeze(-1)).squeeze(-1)  # (B, T)
-    nll_sum = masked_sum(nll, mask)
-    if label_smoothing == 0.0:
-        return nll_sum, nll_sum
-    smooth = -logp.mean(dim=-1)                                            # (B, T)
-    loss = (1.0 - label_smoothing) * nll + label_smoothing * smooth
-    return masked_sum(loss, mask), nll_sum
+    rows = label_rows(label_mask(labels))
+    return cross_entropy_rows(gather_rows(logits, rows), gather_rows(labels, rows), label_smoothing)
 
 
 def token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 
 from mckd.criteria.base import Criterion, CriterionOutput, ModelDims, ModelView, register_criterion
-from mckd.criteria.common import (combine_losses, count_tokens, cross_entropy_sum, head_logits,
-                                  label_mask, masked_sum, require_hidden, teacher_labels)
+from mckd.criteria.common import (combine_losses, count_tokens, cross_entropy_rows, gather_rows,
+                                  head_logits, label_mask, label_rows, require_hidden, teacher_labels,
+                                  upcast)
 from mckd.criteria.cross_entropy import sft_terms
 from mckd.criteria.divergences import Divergence, forward_kl, get_divergence
 from mckd.models.projectors import build_projectors, load_projector_weights, run_projector
@@ -52,20 +53,23 @@ def dskd_losses(*, student_logits: torch.Tensor, student_hidden: torch.Tensor,
                          f"(same tokenizer), got hidden {tuple(student_hidden.shape)} and "
                          f"{tuple(teacher_hidden.shape)}; use dual_space_kd_with_cma across tokenizers")
     m_s, m_t = label_mask(labels), label_mask(teacher_labels)
+    # vocabulary-sized work on the label rows only (nothing else is used)
+    rows_s, rows_t = label_rows(m_s), label_rows(m_t)                          # (n_s,), (n_t,)
+    y_s, y_t = gather_rows(labels, rows_s), gather_rows(teacher_labels, rows_t)
     # student space: project the teacher's hidden states, read them with the student head
-    h_t2s = run_projector(t2s_proj, teacher_hidden.detach())                   # (B, T, D_s)
-    z_t2s = head_logits(h_t2s, student_head_weight)                            # (B, T, V_s)
-    t2s_ce, _ = cross_entropy_sum(z_t2s, labels)
-    t2s_kd = masked_sum(kd_divergence(student_logits, z_t2s.detach(), temperature=temperature,
-                                      tau_squared=tau_squared), m_s)
+    h_t2s = run_projector(t2s_proj, gather_rows(teacher_hidden.detach(), rows_s))  # (n_s, D_s)
+    z_t2s = head_logits(h_t2s, student_head_weight)                            # (n_s, V_s)
+    t2s_ce, _ = cross_entropy_rows(z_t2s, y_s)
+    t2s_kd = upcast(kd_divergence(gather_rows(student_logits, rows_s), z_t2s.detach(),
+                                  temperature=temperature, tau_squared=tau_squared)).sum()
     # teacher space: project the student's hidden states, read them with the teacher head
-    h_s2t = run_projector(s2t_proj, student_hidden)                            # (B, T, D_t)
-    z_s2t = head_logits(h_s2t, teacher_head_weight)                            # (B, T, V_t)
-    s2t_kd = masked_sum(forward_kl(z_s2t, teacher_logits.detach(), temperature=temperature,
-                                   tau_squared=tau_squared), m_t)
+    h_s2t = run_projector(s2t_proj, gather_rows(student_hidden, rows_t))       # (n_t, D_t)
+    z_s2t = head_logits(h_s2t, teacher_head_weight)                            # (n_t, V_t)
+    s2t_kd = upcast(forward_kl(z_s2t, gather_rows(teacher_logits.detach(), rows_t),
+                               temperature=temperature, tau_squared=tau_squared)).sum()
     with torch.no_grad():
-        t2s_acc = (z_t2s.argmax(-1).eq(labels) & m_s).sum()
-        s2t_acc = (z_s2t.argmax(-1).eq(teacher_labels) & m_t).sum() * m_s.sum() / m_t.sum().clamp_min(1)
+        t2s_acc = z_t2s.argmax(-1).eq(y_s).sum()
+        s2t_acc = z_s2t.argmax(-1).eq(y_t).sum() * m_s.sum() / m_t.sum().clamp_min(1)
     return {"kd": t2s_ce + t2s_kd + s2t_kd, "t2s_ce_loss": t2s_ce.detach(),
             "t2s_kd_loss": t2s_kd.detach(), "s2t_kd_loss": s2t_kd.detach(),
             "t2s_acc": t2s_acc, "s2t_acc": s2t_acc}

@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from mckd.criteria.base import Criterion, CriterionOutput, ModelDims, ModelView, register_criterion
-from mckd.criteria.common import (combine_losses, count_tokens, cross_entropy_sum, head_logits,
-                                  label_mask, masked_sum, require_hidden, safe_targets,
-                                  teacher_input_ids, teacher_labels, upcast)
+from mckd.criteria.common import (combine_losses, count_tokens, cross_entropy_rows, gather_rows,
+                                  head_logits, label_mask, label_rows, masked_sum, require_hidden,
+                                  safe_targets, teacher_input_ids, teacher_labels, upcast)
 from mckd.criteria.cross_entropy import sft_terms
 from mckd.criteria.divergences import Divergence, forward_kl, get_divergence
 from mckd.models.projectors import build_projectors, load_projector_weights, run_projector
@@ -142,29 +142,33 @@ def cma_losses(*, student_logits: torch.Tensor, student_hidden: torch.Tensor,
     scores = query @ keys.transpose(1, 2) / math.sqrt(2 * d_t)                 # (B, T_s, T_t)
     pair = m_s.unsqueeze(2) & m_t.unsqueeze(1)
     scores = scores.masked_fill(~pair, _MASKED_SCORE)
-    # step 5: teacher -> student
-    h_t2s = torch.softmax(scores, dim=-1) @ v_t                                # (B, T_s, D_s)
-    z_t2s = head_logits(h_t2s.to(student_hidden.dtype), student_head_weight)   # (B, T_s, V_s)
-    t2s_ce, _ = cross_entropy_sum(z_t2s, labels)
+    # step 5: teacher -> student, on the student's label rows only (nothing else is used)
+    rows_s, rows_t = label_rows(m_s), label_rows(m_t)                          # (n_s,), (n_t,)
+    y_s, y_t = gather_rows(labels, rows_s), gather_rows(teacher_labels, rows_t)
+    h_t2s = gather_rows(torch.softmax(scores, dim=-1) @ v_t, rows_s)           # (n_s, D_s)
+    z_t2s = head_logits(h_t2s.to(student_hidden.dtype), student_head_weight)   # (n_s, V_s)
+    t2s_ce, _ = cross_entropy_rows(z_t2s, y_s)
     with torch.no_grad():
-        correct = z_t2s.argmax(-1).eq(labels) & m_s                            # (B, T_s)
-        max_prob = torch.softmax(upcast(z_t2s), -1).amax(-1)
+        correct = z_t2s.argmax(-1).eq(y_s)                                     # (n_s,)
+        zf = upcast(z_t2s)
+        max_prob = (zf.amax(-1) - torch.logsumexp(zf, -1)).exp()               # max softmax
+        del zf
     metrics = {"t2s_ce_loss": t2s_ce.detach(), "t2s_acc": correct.sum(),
-               "max_t2s_prob": masked_sum(max_prob, m_s)}
+               "max_t2s_prob": max_prob.sum()}
     if projector_pretraining:
         zero = t2s_ce.new_zeros(())
         return CMATerms(t2s_ce, t2s_ce, zero, zero, metrics)
     # step 6: KD in the student space (on the gold-predicting positions) and the teacher space
-    t2s_kd_tok = kd_divergence(student_logits, z_t2s.detach(), temperature=temperature,
-                               teacher_temperature=teacher_temperature, tau_squared=tau_squared)
-    t2s_kd = masked_sum(t2s_kd_tok, correct if t2s_accuracy_mask else m_s)
-    h_s2t = torch.softmax(scores.transpose(1, 2), dim=-1) @ v_s                # (B, T_t, D_t)
-    z_s2t = head_logits(h_s2t.to(teacher_hidden.dtype), teacher_head_weight)   # (B, T_t, V_t)
-    s2t_kd_tok = forward_kl(z_s2t, teacher_logits.detach(), temperature=temperature,
-                            tau_squared=tau_squared)
-    s2t_kd = masked_sum(s2t_kd_tok, m_t)
+    t2s_kd_tok = kd_divergence(gather_rows(student_logits, rows_s), z_t2s.detach(),
+                               temperature=temperature, teacher_temperature=teacher_temperature,
+                               tau_squared=tau_squared)                        # (n_s,)
+    t2s_kd = masked_sum(t2s_kd_tok, correct) if t2s_accuracy_mask else upcast(t2s_kd_tok).sum()
+    h_s2t = gather_rows(torch.softmax(scores.transpose(1, 2), dim=-1) @ v_s, rows_t)  # (n_t, D_t)
+    z_s2t = head_logits(h_s2t.to(teacher_hidden.dtype), teacher_head_weight)   # (n_t, V_t)
+    s2t_kd = upcast(forward_kl(z_s2t, gather_rows(teacher_logits.detach(), rows_t),
+                               temperature=temperature, tau_squared=tau_squared)).sum()
     with torch.no_grad():
-        s2t_correct = (z_s2t.argmax(-1).eq(teacher_labels) & m_t).sum()
+        s2t_correct = z_s2t.argmax(-1).eq(y_t).sum()
         # published: teacher-side count rescaled to the student's token count
         s2t_acc = s2t_correct * m_s.sum() / m_t.sum().clamp_min(1)
     metrics.update(t2s_kd_loss=t2s_kd.detach(), s2t_kd_loss=s2t_kd.detach(), s2t_acc=s2t_acc)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from mckd.criteria.base import Criterion, CriterionOutput, ModelDims, ModelView, register_criterion
-from mckd.criteria.common import combine_losses, count_tokens, label_mask, masked_sum
+from mckd.criteria.common import (combine_losses, count_tokens, gather_rows, label_mask, label_rows,
+                                  upcast)
 from mckd.criteria.cross_entropy import sft_terms
 from mckd.criteria.divergences import get_divergence
 
@@ -66,9 +67,11 @@ class VariousDivergence(Criterion):
         labels = batch["labels"]
         check_same_vocab(student.logits, teacher.logits, "various_divergence")
         ce, metrics = sft_terms(student.logits, labels, self.label_smoothing)
-        per_token = self.divergence(student.logits, teacher.logits.detach(),
+        rows = label_rows(label_mask(labels))                               # label rows only
+        per_token = self.divergence(gather_rows(student.logits, rows),
+                                    gather_rows(teacher.logits.detach(), rows),
                                     temperature=self.kd_temperature, tau_squared=self.tau_squared)
-        kd = masked_sum(per_token, label_mask(labels))                      # (B, T) -> ()
+        kd = upcast(per_token).sum()                                        # (n,) -> ()
         loss = combine_losses(ce, kd, self.kd_rate, self.loss_combination, published="interpolate")
         metrics.update(kd_loss=kd.detach(), loss=loss.detach())
         return CriterionOutput(loss, count_tokens(labels), metrics)
