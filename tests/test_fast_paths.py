@@ -88,3 +88,32 @@ def test_label_rows_gather_equals_masking_values_and_gradients():
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(z.grad.reshape(-1, 5), zf.grad)
     assert (z.grad[~label_mask(labels)] == 0).all()
+
+
+@pytest.mark.parametrize("pairing_kind", ["position", "aligned"])
+@pytest.mark.parametrize("lengths", [(7, 9), (9, 7)])
+def test_mcw_topk_on_ot_rows_only_keeps_ot_values_and_gradients(pairing_kind, lengths):
+    from mckd.criteria.mcw_ot import logit_costs, multi_cost_ot, topk_distributions
+    T_t, T_s = lengths
+    g = torch.Generator().manual_seed(11)
+    s_mask = torch.rand(2, T_s, generator=g) > 0.4
+    t_mask = torch.rand(2, T_t, generator=g) > 0.4
+    s_mask[:, 0] = t_mask[:, 0] = True
+    pairing = torch.randint(0, T_s, (2, T_t), generator=g) if pairing_kind == "aligned" else None
+    zs0, zt = _logits(2, T_s, 30, seed=12, dtype=torch.float32), _logits(2, T_t, 40, seed=13, dtype=torch.float32)
+    out = []
+    for masks in (None, (t_mask, s_mask)):
+        zs = zs0.clone().requires_grad_(True)
+        kw = {} if masks is None else dict(teacher_mask=masks[0], student_mask=masks[1])
+        p_s, p_t = topk_distributions(zs, zt, k=6, temperature=2.0, t=0.3, pairing=pairing, **kw)
+        costs = logit_costs(p_t, p_s, torch.zeros(2, T_t), torch.zeros(2, T_s))
+        ot = multi_cost_ot(costs, torch.tensor([0.2, 0.5, 0.3]), t_mask, s_mask, epsilon=0.1,
+                           epsilon_mode="mean", n_iters=20, grad="unrolled")
+        ot.value.sum().backward()
+        out.append((p_s.detach(), p_t.detach(), ot.value.detach(), zs.grad))
+    (ps_a, pt_a, v_a, g_a), (ps_b, pt_b, v_b, g_b) = out
+    torch.testing.assert_close(ps_a[s_mask], ps_b[s_mask], atol=0, rtol=0)
+    torch.testing.assert_close(pt_a[t_mask], pt_b[t_mask], atol=0, rtol=0)
+    torch.testing.assert_close(v_a, v_b)
+    torch.testing.assert_close(g_a, g_b)
+    assert g_a.abs().sum() > 0

@@ -181,7 +181,8 @@ class MCWKD(Criterion):
                                                                                batch["offsets"])
                 pairing = aligned_student_index(spans, s_mask)                          # (B, T_t)
             p_s, p_t = topk_distributions(student.logits, teacher.logits, k=o.top_k, temperature=o.seq_temperature,
-                                          t=self.interpolation_t(), pairing=pairing, detach_student=o.interp_detach)
+                                          t=self.interpolation_t(), pairing=pairing, detach_student=o.interp_detach,
+                                          teacher_mask=t_mask, student_mask=s_mask)
             sal_s = torch.sigmoid(self.salience_head(h_s.to(sal_w)).squeeze(-1))        # (B, T_s)
             sal_t = torch.sigmoid(self.salience_head(g.to(sal_w)).squeeze(-1))          # (B, T_t)
             lc = logit_costs(p_t, p_s, sal_t, sal_s)

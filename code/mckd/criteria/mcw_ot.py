@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mckd.criteria.common import upcast
+from mckd.criteria.common import gather_rows, label_rows, upcast
 from mckd.ot.costs import (alignment_cost_from_pairs, context_mean, masked_max, masked_mean, pairwise_cosine_distance,
                            pairwise_kl, pairwise_l2, salience_cost, span_iou_cost)
 from mckd.ot.sinkhorn import SinkhornResult, relative_epsilon, sinkhorn
@@ -48,9 +48,46 @@ def aligned_student_index(align_cost: torch.Tensor, student_mask: torch.Tensor) 
     return c.argmin(-1)
 
 
+def _topk_values(logits: torch.Tensor, k: int, rows_mask: torch.Tensor | None) -> torch.Tensor:
+    """Sorted top-``k`` logit values (fp32), computed on the rows of ``rows_mask`` only (other rows 0).
+
+    Args:
+        logits: (B, T, V). k: K. rows_mask: (B, T) bool or None (every row).
+
+    Returns:
+        (B, T, K).
+    """
+    if rows_mask is None:
+        return upcast(logits.topk(k, dim=-1).values)
+    B, T = rows_mask.shape
+    rows = label_rows(rows_mask)                                                 # (n,)
+    vals = upcast(gather_rows(logits, rows).topk(k, dim=-1).values)              # (n, K)
+    return vals.new_zeros(B * T, k).index_copy(0, rows, vals).view(B, T, k)
+
+
+def needed_student_rows(student_mask: torch.Tensor, teacher_mask: torch.Tensor,
+                        pairing: torch.Tensor | None) -> torch.Tensor:
+    """Student rows whose top-k values the OT terms use: the student support plus the rows the
+    interpolated targets of the teacher support read (position ``i`` or ``pairing[:, i]``).
+
+    Args:
+        student_mask: (B, T_s) bool; teacher_mask: (B, T_t) bool; pairing: (B, T_t) long or None.
+
+    Returns:
+        (B, T_s) bool.
+    """
+    T_s, T_t = student_mask.shape[1], teacher_mask.shape[1]
+    if pairing is None:
+        read = teacher_mask[:, :T_s] if T_t >= T_s else torch.nn.functional.pad(teacher_mask, (0, T_s - T_t))
+        return student_mask | read
+    hits = torch.zeros_like(student_mask, dtype=torch.int32).scatter_add_(1, pairing, teacher_mask.to(torch.int32))
+    return student_mask | (hits > 0)
+
+
 def topk_distributions(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, k: int,
                        temperature: float, t: float, pairing: torch.Tensor | None = None,
-                       detach_student: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                       detach_student: bool = False, teacher_mask: torch.Tensor | None = None,
+                       student_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank distributions of the student and of the interpolated teacher.
 
     ``s = topk(z_s)``, ``u = topk(z_t)`` (sorted values, fp32); the target row ``i`` is
@@ -65,13 +102,21 @@ def topk_distributions(student_logits: torch.Tensor, teacher_logits: torch.Tenso
         t: teacher share of the interpolation.
         pairing: optional (B, T_t) long student position for every teacher position.
         detach_student: stop the gradient through the student part of the target.
+        teacher_mask, student_mask: optional (B, T_t) / (B, T_s) bool OT supports. Given both, the
+            top-k runs only on the rows the OT uses (see :func:`needed_student_rows`; one host
+            sync each); the other rows hold the distribution of all-zero values (uniform), which
+            the masked OT never reads, so values and gradients are unchanged.
 
     Returns:
         ``(p_s, p_t)``: (B, T_s, K) and (B, T_t, K) fp32 probabilities.
     """
     k = min(k, student_logits.shape[-1], teacher_logits.shape[-1])
-    s_top = upcast(student_logits.topk(k, dim=-1).values)                        # (B, T_s, K)
-    u_top = upcast(teacher_logits.detach().topk(k, dim=-1).values).to(s_top.dtype)               # (B, T_t, K)
+    need_s = need_t = None
+    if teacher_mask is not None and student_mask is not None:
+        need_t = teacher_mask.bool()
+        need_s = needed_student_rows(student_mask.bool(), need_t, pairing)
+    s_top = _topk_values(student_logits, k, need_s)                              # (B, T_s, K)
+    u_top = _topk_values(teacher_logits.detach(), k, need_t).to(s_top.dtype)     # (B, T_t, K)
     s_side = s_top.detach() if detach_student else s_top
     T_t, T_s = u_top.shape[1], s_top.shape[1]
     if pairing is None:
