@@ -98,7 +98,9 @@ def test_mcw_topk_on_ot_rows_only_keeps_ot_values_and_gradients(pairing_kind, le
     g = torch.Generator().manual_seed(11)
     s_mask = torch.rand(2, T_s, generator=g) > 0.4
     t_mask = torch.rand(2, T_t, generator=g) > 0.4
-    s_mask[:, 0] = t_mask[:, 0] = True
+    s_mask[:, 3] = t_mask[:, 3] = True
+    s_mask[:, :2] = t_mask[:, :2] = False            # leading and trailing rows no example uses
+    s_mask[:, -1] = t_mask[:, -1] = False
     pairing = torch.randint(0, T_s, (2, T_t), generator=g) if pairing_kind == "aligned" else None
     zs0, zt = _logits(2, T_s, 30, seed=12, dtype=torch.float32), _logits(2, T_t, 40, seed=13, dtype=torch.float32)
     out = []
