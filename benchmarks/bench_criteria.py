@@ -1,168 +1,151 @@
-"""Forward + backward time and peak memory of each criterion, outside the model passes.
+"""Forward + backward time and peak memory of every criterion outside the model passes, beside plain CE.
 
-Run (CPU by default; a GPU with ``--device cuda --dtype bf16``)::
+Run (CPU by default, one torch thread; on a GPU add ``--device cuda --dtype bf16``)::
 
-    python benchmarks/bench_criteria.py                                   # B=4, T=128, all criteria
-    python benchmarks/bench_criteria.py --lengths 128 256 512 --repeats 3
-    python benchmarks/bench_criteria.py --device cuda --dtype bf16 --lengths 128 256 512
-    python benchmarks/bench_criteria.py --criteria dual_space_kd_with_cma --json out.json
+    python benchmarks/bench_criteria.py                                         # B=4, L=128
+    python benchmarks/bench_criteria.py --lengths 128 256 512 --repeats 3 --json criteria.json
+    python benchmarks/bench_criteria.py --device cuda --dtype bf16 --lengths 128 256 512 --repeats 10
+    python benchmarks/bench_criteria.py --rows dual_space_kd_with_cma mcw_kd:default --lengths 512
 
-Inputs are random tensors of realistic shapes: student GPT2-base (V_s = 50257, D_s = 768);
-same-vocabulary teacher GPT2-1.5B-shaped (V = 50257, D = 1600) for ``various_divergence`` and
-``dual_space_kd``; cross-vocabulary teacher Qwen1.5-1.8B-shaped (V_t = 151936, D_t = 2048) for
-``dual_space_kd_with_cma``, ``universal_logit_distillation`` and ``multi_level_ot``. Each example
-has a 25 % prompt, a 70 % response and 5 % right padding (~70 % label positions). Student logits
-and hidden states require grad (as after a student forward); the teacher's do not. The embedding
-tables double as the (tied) output heads.
-
-Reported per (criterion, T): median milliseconds of one forward + backward of the criterion, and
-peak memory above the inputs: ``torch.cuda.max_memory_allocated`` on GPU; on CPU the peak resident
-set size of a fresh process (each configuration runs in its own process) minus the RSS once the
-inputs exist. ``cross_entropy`` is the plain CE step every KD step also pays.
+Shapes: GPT2-base student (V_s = 50257, D_s = 768); a GPT2-1.5B-shaped teacher (V = 50257,
+D = 1600) for the same-vocabulary criteria (``various_divergence``, ``dual_space_kd``) and a
+Qwen1.5-1.8B-shaped teacher (V_t = 151936, D_t = 2048) for the cross-vocabulary ones. Layout and
+method: :mod:`harness` (35 % prompt, 55 % labels, 10 % padding; interleaved repeats, median; peak
+memory of one step in a fresh process on CPU, ``max_memory_allocated`` on CUDA). Every row of one
+length uses the same student tensors.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import resource
-import statistics
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "code"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+from harness import GPT2_BASE, GPT2_XL, QWEN_1_8B  # noqa: E402
 
-STUDENT = dict(vocab=50257, hidden=768)
-SAME_TEACHER = dict(vocab=50257, hidden=1600)
-CROSS_TEACHER = dict(vocab=151936, hidden=2048)
-CRITERIA = {  # name -> (teacher shape or None, constructor kwargs)
-    "cross_entropy": (None, {}),
-    "various_divergence": (SAME_TEACHER, {"kd_objective": "forward_kl"}),
-    "various_divergence:adaptive_kl": (SAME_TEACHER, {"kd_objective": "adaptive_kl"}),
-    "dual_space_kd": (SAME_TEACHER, {}),
-    "dual_space_kd_with_cma": (CROSS_TEACHER, {}),
-    "universal_logit_distillation": (CROSS_TEACHER, {}),
-    "multi_level_ot": (CROSS_TEACHER, {}),
+MINED_MAP = harness.ROOT.parent / "shared" / "reference" / "vocab_alignment" / "qwen_to_gpt2" / "tea2stu_id_mapping.json"
+ROWS = {  # row -> (teacher shape, criterion name, constructor kwargs)
+    "cross_entropy": (None, "cross_entropy", {}),
+    "various_divergence": (GPT2_XL, "various_divergence", {"kd_objective": "forward_kl"}),
+    "various_divergence:adaptive_kl": (GPT2_XL, "various_divergence", {"kd_objective": "adaptive_kl"}),
+    "dual_space_kd": (GPT2_XL, "dual_space_kd", {}),
+    "dual_space_kd_with_cma": (QWEN_1_8B, "dual_space_kd_with_cma", {}),
+    "universal_logit_distillation": (QWEN_1_8B, "universal_logit_distillation", {}),
+    "min_edit_dis_kld": (QWEN_1_8B, "min_edit_dis_kld", {}),
+    "multi_level_ot": (QWEN_1_8B, "multi_level_ot", {}),
+    "mcw_kd:default": (QWEN_1_8B, "mcw_kd", {"preset": "default"}),
+    "mcw_kd:reference": (QWEN_1_8B, "mcw_kd", {"preset": "reference"}),
 }
 
 
-def _labels(torch, B, T, V, device, g):
-    lab = torch.randint(0, V, (B, T), generator=g).to(device)
-    lab[:, : int(0.25 * T)] = -100
-    lab[:, T - max(1, int(0.05 * T)):] = -100
-    return lab
+def build_criterion(row: str, device: str, dtype: str):
+    """The criterion of ``row``, on ``device`` in ``dtype``."""
+    from mckd.criteria import get_criterion_class
+    from mckd.criteria.mcw_presets import preset
 
-
-def _setup(name: str, B: int, T: int, device: str, dtype_name: str):
-    import torch
-    from torch import nn
-
-    from mckd.criteria import ModelView, get_criterion_class
-
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    teacher_shape, kwargs = CRITERIA[name]
-    cls = get_criterion_class(name.split(":")[0])
-    g = torch.Generator().manual_seed(0)
-    if cls.__name__ in ("DualSpaceKD", "DualSpaceKDWithCMA"):
-        crit = cls(STUDENT["hidden"], teacher_shape["hidden"], **kwargs)
+    teacher, name, kw = ROWS[row]
+    cls = get_criterion_class(name)
+    if name in ("dual_space_kd", "dual_space_kd_with_cma"):
+        crit = cls(GPT2_BASE["hidden"], teacher["hidden"], **kw)
+    elif name == "mcw_kd":
+        crit = cls(GPT2_BASE["hidden"], teacher["hidden"], options=preset(kw["preset"]), kd_rate=0.5)
+    elif name == "min_edit_dis_kld":
+        crit = cls(_mined_map(), student_vocab=GPT2_BASE["vocab"], teacher_vocab=teacher["vocab"], kd_rate=0.5)
     else:
-        crit = cls(**kwargs)
-    crit = crit.to(device=device, dtype=dtype)
-    emb_s = nn.Embedding(STUDENT["vocab"], STUDENT["hidden"]).to(device, dtype).requires_grad_(False)
-    h_s = torch.randn(B, T, STUDENT["hidden"], generator=g).to(device, dtype).requires_grad_(True)
-    z_s = (torch.randn(B, T, STUDENT["vocab"], generator=g) * 3).to(device, dtype).requires_grad_(True)
-    batch = {"input_ids": torch.randint(0, STUDENT["vocab"], (B, T), generator=g).to(device),
-             "labels": _labels(torch, B, T, STUDENT["vocab"], device, g)}
-    student = ModelView(z_s, h_s, emb_s, emb_s)  # nn.Embedding has .weight (V, D): a tied head
-    teacher = None
-    if teacher_shape is not None:
-        Vt, Dt = teacher_shape["vocab"], teacher_shape["hidden"]
-        emb_t = nn.Embedding(Vt, Dt).to(device, dtype).requires_grad_(False)
-        teacher = ModelView((torch.randn(B, T, Vt, generator=g) * 3).to(device, dtype),
-                            torch.randn(B, T, Dt, generator=g).to(device, dtype), emb_t, emb_t)
-        if teacher_shape is CROSS_TEACHER:
-            batch["teacher_input_ids"] = torch.randint(0, Vt, (B, T), generator=g).to(device)
-            batch["teacher_labels"] = _labels(torch, B, T, Vt, device, g)
-    return crit, batch, student, teacher
+        crit = cls(**kw)
+    return crit.to(device=device, dtype=harness.DTYPES[dtype])
 
 
-def _measure(name: str, B: int, T: int, device: str, dtype: str, repeats: int) -> dict:
-    import psutil
+def _mined_map():
+    """The published Qwen -> GPT-2 map when ../shared has it, else a random many-to-one map."""
     import torch
 
-    crit, batch, student, teacher = _setup(name, B, T, device, dtype)
+    if MINED_MAP.is_file():
+        from mckd.data.vocab_map import load_vocab_map
+        return load_vocab_map(MINED_MAP)
+    return torch.randint(0, GPT2_BASE["vocab"], (151646,), generator=torch.Generator().manual_seed(0)).tolist()
 
+
+def step_fn(crit, inp):
     def step():
-        student.logits.grad = None
-        student.hidden.grad = None
-        out = crit(batch, student, teacher)
-        out.loss_sum.backward()
-        return out
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = psutil.Process().memory_info().rss
-    times = []
-    for i in range(repeats + 1):  # the first run is a warm-up
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - t0)
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"criterion": name, "B": B, "T": T, "device": device, "dtype": dtype,
-            "ms": 1000 * statistics.median(times), "peak_mib": max(peak, 0) / 2 ** 20}
+        harness.clear_grads(inp)
+        crit(inp.batch, inp.student, inp.teacher).loss_sum.backward()
+    step.clear = lambda: harness.clear_grads(inp)
+    return step
 
 
-def _worker(args, queue):
-    try:
-        queue.put(_measure(*args))
-    except Exception as e:  # noqa: BLE001 - reported, the sweep goes on
-        queue.put({"criterion": args[0], "T": args[2], "error": f"{type(e).__name__}: {e}"})
+def build_step(row: str, B: int, T: int, device: str, dtype: str, threads: int):
+    """Inputs + criterion of one row (used by the fresh-process memory measurement)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    inp = harness.make_inputs(B, T, teacher=ROWS[row][0], device=device, dtype=dtype)
+    return step_fn(build_criterion(row, device, dtype), inp)
+
+
+def run_length(rows, B, T, args) -> list[dict]:
+    """Time every row at one length, interleaved, on shared inputs."""
+    inputs = {}
+    fns = {}
+    for row in rows:
+        shape = ROWS[row][0]
+        key = None if shape is None else shape["hidden"]
+        if key not in inputs:
+            inputs[key] = harness.make_inputs(B, T, teacher=shape, device=args.device, dtype=args.dtype)
+        fns[row] = step_fn(build_criterion(row, args.device, args.dtype), inputs[key])
+    times = harness.time_interleaved(fns, args.device, args.repeats)
+    out = []
+    for row in rows:
+        res = {"row": row, "B": B, "T": T, "device": args.device, "dtype": args.dtype, **harness.summary(times[row])}
+        if args.device == "cuda":
+            res["peak_mib"] = harness.cuda_peak_mib(fns[row])
+        elif args.memory:
+            res["peak_mib"] = harness.peak_memory_fresh_process(build_step, row, B, T, args.device, args.dtype,
+                                                                args.threads)
+        out.append(res)
+    del fns, inputs
+    return out
+
+
+def print_rows(results: list[dict], base_row: str = "cross_entropy") -> None:
+    """Markdown table: ms (median, min), ratio to the base row's median, peak MiB."""
+    base = {r["T"]: r["median_ms"] for r in results if r["row"] == base_row}
+    print(f"| row | L | median ms | min ms | x {base_row} | peak MiB |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        mem = r.get("peak_mib", "-")
+        mem = f"{mem:.0f}" if isinstance(mem, float) else str(mem)
+        ratio = r["median_ms"] / base[r["T"]] if r["T"] in base else float("nan")
+        print(f"| {r['row']} | {r['T']} | {r['median_ms']:.0f} | {r['min_ms']:.0f} | {ratio:.1f} | {mem} |", flush=True)
 
 
 def main(argv=None) -> int:
+    import torch
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--criteria", nargs="+", default=list(CRITERIA), choices=list(CRITERIA))
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lengths", type=int, nargs="+", default=[128])
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--dtype", default="fp32", choices=tuple(harness.DTYPES))
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
+    p.add_argument("--no-memory", dest="memory", action="store_false",
+                   help="CPU: skip the peak-memory pass (one fresh process per row and length)")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args(argv)
-    rows = []
-    print(f"{'criterion':34s} {'T':>5s} {'ms':>10s} {'peak MiB':>10s}  ({args.device}, {args.dtype}, B={args.batch})")
-    ctx = mp.get_context("spawn")
+    torch.set_num_threads(args.threads)
+    print(f"# {harness.machine()}; B={args.batch}, {args.device}, {args.dtype}", flush=True)
+    results = []
     for T in args.lengths:
-        for name in args.criteria:
-            job = (name, args.batch, T, args.device, args.dtype, args.repeats)
-            if args.device == "cpu":  # fresh process: a clean peak-RSS measurement
-                q = ctx.Queue()
-                proc = ctx.Process(target=_worker, args=(job, q))
-                proc.start()
-                row = q.get()
-                proc.join()
-            else:
-                row = _measure(*job)
-            rows.append(row)
-            if "error" in row:
-                print(f"{name:34s} {T:5d}  failed: {row['error']}")
-            else:
-                print(f"{name:34s} {T:5d} {row['ms']:10.1f} {row['peak_mib']:10.0f}", flush=True)
+        res = run_length(args.rows, args.batch, T, args)
+        results.extend(res)
+        print_rows(res)
+    print(f"# done: {harness.machine()}")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
 
 
