@@ -15,7 +15,8 @@
 # EVAL_SEEDS ("10"), EVAL_NUM (test examples, -1 = all), EVAL_ARGS (extra evaluate.py flags),
 # TEACHER_ARGS / STUDENT_ARGS (extra distillation.py flags of the stage), plus every variable of
 # scripts/tiny/train.sh and scripts/lib/common.sh (GPUS, LR, BATCH_SIZE, ...). A stage whose
-# run directory already holds a checkpoint is reused; delete outputs/tiny to start over.
+# run directory already holds a checkpoint is reused (unless the assets were rebuilt after it);
+# delete outputs/tiny to start over.
 set -euo pipefail
 BASE_PATH=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 TRAIN="${BASE_PATH}/scripts/tiny/train.sh"
@@ -42,6 +43,12 @@ best() { "${PYTHON}" "${BASE_PATH}/scripts/lib/find_checkpoint.py" "$1" || true;
 stage() {
   local name=$1 dir=$2 ckpt; shift 2
   ckpt=$(best "${dir}")
+  if [[ -n "${ckpt}" && "${MANIFEST}" -nt "${ckpt}" ]]; then
+    # the assets were rebuilt after this run: its model and data are stale
+    say "${name}: assets rebuilt since ${ckpt}; moving the old run to ${dir}.stale-$$ and retraining"
+    mv "${dir}" "${dir}.stale-$$"
+    ckpt=""
+  fi
   if [[ -n "${ckpt}" ]]; then
     say "${name}: reusing ${ckpt}"
   else
@@ -55,6 +62,7 @@ stage() {
   echo "${ckpt}"
 }
 
+MANIFEST="${BASE_PATH}/model_hub/tiny/manifest.json"
 SECONDS=0
 say "1/5 assets"
 # shellcheck disable=SC2086
