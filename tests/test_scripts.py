@@ -246,7 +246,10 @@ def test_tiny_stage_dry_run(criterion, tmp_path):
     assert ns.kd_rate == {"mcw_kd": 5.0, "multi_level_ot": 1.0}.get(criterion, 0.5)
     if criterion == "min_edit_dis_kld":
         assert ns.teacher_to_student_id_mapping.endswith("teacher_to_student.json")
-        assert "mckd.data.vocab_map" in proc.stderr
+        missing = tmp_path / "maps" / "t2s.json"
+        proc = run_script(ROOT / "scripts/tiny/train.sh", **env, TEA2STU_ID_MAP=missing)
+        assert "mckd.data.vocab_map" in proc.stderr and str(missing) in proc.stderr
+        assert parse(split_command(proc.stdout)[1]).namespace().teacher_to_student_id_mapping == str(missing)
 
 
 def test_tiny_scripts_are_valid_bash():
