@@ -76,11 +76,9 @@ def step_fn(crit, inp):
     return step
 
 
-def build_step(row: str, B: int, T: int, device: str, dtype: str, threads: int):
+def build_step(row: str, B: int, T: int, device: str, dtype: str, threads: int, flush_denormal: bool = True):
     """Inputs + criterion of one row (used by the fresh-process memory measurement)."""
-    import torch
-
-    torch.set_num_threads(threads)
+    harness.configure_cpu(threads, flush_denormal)
     inp = harness.make_inputs(B, T, teacher=ROWS[row][0], device=device, dtype=dtype)
     return step_fn(build_criterion(row, device, dtype), inp)
 
@@ -103,7 +101,7 @@ def run_length(rows, B, T, args) -> list[dict]:
             res["peak_mib"] = harness.cuda_peak_mib(fns[row])
         elif args.memory:
             res["peak_mib"] = harness.peak_memory_fresh_process(build_step, row, B, T, args.device, args.dtype,
-                                                                args.threads)
+                                                                args.threads, not args.keep_denormals)
         out.append(res)
     del fns, inputs
     return out
@@ -122,8 +120,6 @@ def print_rows(results: list[dict], base_row: str = "cross_entropy") -> None:
 
 
 def main(argv=None) -> int:
-    import torch
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--batch", type=int, default=4)
@@ -132,12 +128,15 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="fp32", choices=tuple(harness.DTYPES))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
+    p.add_argument("--keep-denormals", action="store_true",
+                   help="CPU: do not flush denormal floats to zero (see harness.configure_cpu)")
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="CPU: skip the peak-memory pass (one fresh process per row and length)")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    print(f"# {harness.machine()}; B={args.batch}, {args.device}, {args.dtype}", flush=True)
+    harness.configure_cpu(args.threads, not args.keep_denormals)
+    print(f"# {harness.machine()}; B={args.batch}, {args.device}, {args.dtype}, "
+          f"flush denormals {not args.keep_denormals}", flush=True)
     results = []
     for T in args.lengths:
         res = run_length(args.rows, args.batch, T, args)

@@ -99,8 +99,6 @@ def make_step(row, student, teacher, batch, args):
 
 
 def main(argv=None) -> int:
-    import torch
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--batch", type=int, default=4)
@@ -112,12 +110,15 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="fp32", choices=tuple(harness.DTYPES))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
+    p.add_argument("--keep-denormals", action="store_true",
+                   help="CPU: do not flush denormal floats to zero (see harness.configure_cpu)")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    harness.configure_cpu(args.threads, not args.keep_denormals)
     student, teacher, s_layers, t_layers = build_models(args)
     print(f"# {harness.machine()}; B={args.batch}, {args.device}, {args.dtype}; student GPT-2 {s_layers} layers "
-          f"(768, V 50257), teacher Qwen2 {t_layers} layer(s) (2048, V 151936)", flush=True)
+          f"(768, V 50257), teacher Qwen2 {t_layers} layer(s) (2048, V 151936); flush denormals "
+          f"{not args.keep_denormals}", flush=True)
     results = []
     for T in args.lengths:
         batch = harness.make_inputs(args.batch, T, device=args.device, dtype=args.dtype, views=False).batch
