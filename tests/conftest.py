@@ -14,7 +14,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MCKD_SHARED", ROOT.parent / "shared"))
-sys.path.insert(0, str(ROOT / "code"))
+sys.path.insert(0, str(ROOT / "code"))  # mckd and the entry points
 
 # The suite runs on 2 cores: keep intra-op threads low so parallel work does not thrash.
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -80,3 +80,42 @@ def tiny_models(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def hub_tokenizer():
+    """Factory fixture: ``hub_tokenizer("qwen")`` -> the real tokenizer (pad/eos rules applied)."""
+    from mckd.models.tokenizers import load_tokenizer
+
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = load_tokenizer(str(hub_path(name)), what=name)
+        return cache[name]
+
+    return get
+
+
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+
+
+def write_word_data(d: Path, n_train: int = 8, n_dev: int = 2) -> Path:
+    """A tiny train/dev jsonl pair ("List words after X." -> a few words) for entry-point runs."""
+    import json
+
+    d.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        with open(d / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                out = " ".join(WORDS[(i + k) % 8] for k in range(2 + i % 3)) + "."
+                f.write(json.dumps({"instruction": f"List words after {WORDS[i % 8]}.", "input": "",
+                                    "output": out}) + "\n")
+    return d
+
+
+def run_distillation(argv: list[str]) -> int:
+    """Run ``code/distillation.py``'s ``main`` in-process and return its exit code."""
+    import distillation
+
+    return distillation.main([str(a) for a in argv])

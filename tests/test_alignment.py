@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import hub_path, shared_path
+from conftest import shared_path
 from mckd.data import DistillCollator, build_dataset
 from mckd.data import alignment as al
-from mckd.models.tokenizers import load_tokenizer
 
 
 # --------------------------------------------------------------------------- oracle
@@ -117,15 +116,8 @@ def test_features_match_oracle_on_random_tokens():
 
 # --------------------------------------------------------------------------- real tokenizers
 @pytest.fixture(scope="module")
-def toks():
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = load_tokenizer(str(hub_path(name)), what=name)
-        return cache[name]
-
-    return get
+def toks(hub_tokenizer):
+    return hub_tokenizer
 
 
 @pytest.mark.parametrize("name,marker", [("gpt2", "Ġ"), ("qwen", "Ġ"), ("tinyllama", "▁"),

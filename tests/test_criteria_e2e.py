@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, run_distillation, write_word_data
 
 RUNS = [
     ("various_divergence", "gpt2", ["--kd-objective", "tvd", "--kd-temperature-scaling"]),
@@ -23,22 +23,10 @@ RUNS = [
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("e2e_data")
-    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
-    for split, n in (("train", 8), ("dev", 2)):
-        with open(d / f"{split}.jsonl", "w") as f:
-            for i in range(n):
-                out = " ".join(words[(i + k) % 8] for k in range(2 + i % 3)) + "."
-                f.write(json.dumps({"instruction": f"List words after {words[i % 8]}.", "input": "",
-                                    "output": out}) + "\n")
-    return d
+    return write_word_data(tmp_path_factory.mktemp("e2e_data"))
 
 
 def _train(tmp_path, tiny_models, data, criterion, teacher, extra, *more):
-    import sys
-    sys.path.insert(0, str(ROOT / "code"))
-    import distillation
-
     save = tmp_path / "out"
     argv = ["--model-path", str(tiny_models("gpt2")), "--criterion", criterion,
             "--data-dir", str(data), "--save-dir", str(save), "--lr", "1e-3", "--batch-size", "2",
@@ -49,7 +37,7 @@ def _train(tmp_path, tiny_models, data, criterion, teacher, extra, *more):
         argv += ["--teacher-model-path", str(tiny_models(teacher, seed=1))]
     if criterion in ("dual_space_kd", "dual_space_kd_with_cma"):
         argv += ["--projector-config-path", str(ROOT / "configs" / "projector_config.json")]
-    assert distillation.main(argv) == 0
+    assert run_distillation(argv) == 0
     rows = [json.loads(x) for x in Path(save, "metrics.jsonl").read_text().splitlines() if x.strip()]
     return save, [r for r in rows if "split" not in r]
 

@@ -3,7 +3,9 @@ written from spec 6.5, plus construction from the CLI options."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -302,27 +304,12 @@ def test_from_args_builds_a_missing_map(tmp_path):
 def test_end_to_end_tiny_gpt2_from_qwen(tmp_path, tiny_models):
     """A few optimizer steps of code/distillation.py with min_edit_dis_kld (GPT-2 <- Qwen, real
     vocabularies, the published map file)."""
-    import json
-    import sys
-    from pathlib import Path
-
-    from conftest import ROOT, shared_path
-
-    sys.path.insert(0, str(ROOT / "code"))
-    import distillation
+    from conftest import run_distillation, shared_path, write_word_data
 
     mapping = shared_path("reference", "vocab_alignment", "qwen_to_gpt2", "tea2stu_id_mapping.json")
-    data = tmp_path / "data"
-    data.mkdir()
-    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
-    for split, n in (("train", 8), ("dev", 2)):
-        with open(data / f"{split}.jsonl", "w") as f:
-            for i in range(n):
-                out = " ".join(words[(i + k) % 8] for k in range(2 + i % 3)) + "."
-                f.write(json.dumps({"instruction": f"List words after {words[i % 8]}.", "input": "",
-                                    "output": out}) + "\n")
+    data = write_word_data(tmp_path / "data")
     save = tmp_path / "out"
-    rc = distillation.main([
+    rc = run_distillation([
         "--model-path", str(tiny_models("gpt2")), "--teacher-model-path", str(tiny_models("qwen")),
         "--criterion", "min_edit_dis_kld", "--teacher-to-student-id-mapping", str(mapping),
         "--data-dir", str(data), "--save-dir", str(save), "--lr", "1e-3", "--batch-size", "2",

@@ -7,12 +7,11 @@ import logging
 import pytest
 import torch
 
-from conftest import hub_path, shared_path
+from conftest import shared_path
 from mckd.data import DistillCollator, build_dataset
 from mckd.data import dataset as dataset_mod
 from mckd.data.batch import STUDENT_KEYS, teacher_key
 from mckd.data.examples import RESPONSE_MARKER, DataFormatError, render_prompt
-from mckd.models.tokenizers import load_tokenizer
 
 PAIRS = [("gpt2", "qwen"), ("tinyllama", "mistral")]
 
@@ -26,15 +25,8 @@ RECORDS = [
 
 
 @pytest.fixture(scope="module")
-def toks():
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = load_tokenizer(str(hub_path(name)), what=name)
-        return cache[name]
-
-    return get
+def toks(hub_tokenizer):
+    return hub_tokenizer
 
 
 def write_jsonl(path, records, raw_lines=()):

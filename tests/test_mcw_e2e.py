@@ -12,30 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, run_distillation, write_word_data
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mcw_e2e_data")
-    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
-    for split, n in (("train", 8), ("dev", 2)):
-        with open(d / f"{split}.jsonl", "w") as f:
-            for i in range(n):
-                out = " ".join(words[(i + k) % 8] for k in range(2 + i % 3)) + "."
-                f.write(json.dumps({"instruction": f"List words after {words[i % 8]}.", "input": "",
-                                    "output": out}) + "\n")
-    return d
+    return write_word_data(tmp_path_factory.mktemp("mcw_e2e_data"))
 
 
 def _run(argv):
-    import sys
-    sys.path.insert(0, str(ROOT / "code"))
-    import distillation
-
-    assert distillation.main(argv) == 0
+    assert run_distillation(argv) == 0
 
 
 def _argv(student, teacher, data, save, *extra):

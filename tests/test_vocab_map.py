@@ -16,17 +16,8 @@ PAIRS = {
 
 
 @pytest.fixture(scope="module")
-def tokenizers():
-    from mckd.models.tokenizers import load_tokenizer
-
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = load_tokenizer(str(hub_path(name)), what=name)
-        return cache[name]
-
-    return get
+def tokenizers(hub_tokenizer):
+    return hub_tokenizer
 
 
 def reference_map(pair: str) -> list[int]:
