@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from mckd import dist
-from mckd.criteria.base import ModelView  # noqa: F401  (documentation link)
 from mckd.data.batch import IGNORE_INDEX
 from mckd.evaluation.metrics import compute_metrics
 

@@ -413,7 +413,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ eval / save
     def evaluate(self) -> dict:
-        e, d = self.cfg.eval, self.cfg.data
+        e = self.cfg.eval
         student = self.engine.raw.student
         res = dev_eval.teacher_forced(student, self.dev_set, self.dev_collator,
                                       batch_size=e.eval_batch_size, device=self.device,
