@@ -85,7 +85,7 @@ def label_rows(mask: torch.Tensor) -> torch.Tensor:
 
     Vocabulary-sized work (head projections, log-softmaxes, divergences) is done on these rows
     only instead of on every position and then masked; on Dolly-like batches about half of the
-    positions are labels, so this halves that work (benchmarks/BENCHMARKS.md).
+    positions are labels, so this halves that work (BENCHMARKS.md).
 
     Args:
         mask: (B, T) bool.
