@@ -96,6 +96,10 @@ class Trainer:
         if t.resume and self.resume_from is None:
             logger.info("--resume: no complete checkpoint in %s; starting from scratch", self.save_dir)
         _seed_everything(t.seed + self.rank)
+        if self.device.type == "cpu":
+            # Denormal floats make some CPU kernels ~20x slower (measured in BENCHMARKS.md);
+            # flushing them to zero changes nothing a training run can see.
+            torch.set_flush_denormal(True)
 
         self.crit_cls = get_criterion_class(m.criterion)
         ds_cfg = None
