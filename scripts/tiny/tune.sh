@@ -25,6 +25,6 @@ if [[ ${#GRID[@]} == 0 ]]; then
         mcw_kd:5.0 mcw_kd:0.5 mcw_kd:0)
 fi
 # shellcheck disable=SC2086
-"${PYTHON}" -m mckd.tiny.compare tune --out "${BASE_PATH}/outputs/tiny/tune" \
+"${PYTHON}" -m mckd.tiny.compare tune "${GRID[@]}" --out "${BASE_PATH}/outputs/tiny/tune" \
   --teacher-out "${BASE_PATH}/outputs/tiny" --jobs "${JOBS}" --seeds "${SEED}" \
-  --eval-seeds ${EVAL_SEEDS} "${GRID[@]}"
+  --eval-seeds ${EVAL_SEEDS}
