@@ -47,7 +47,8 @@ def test_every_method_has_a_criterion_setting_and_rate():
 @pytest.mark.slow
 def test_compare_smoke_every_method_trains_and_evaluates(tmp_path):
     out = tmp_path / "compare"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "code"), "BATCH_SIZE": "4", "LOG_INTERVAL": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "code"), "BATCH_SIZE": "4", "LOG_INTERVAL": "1",
+           "EVAL_GEN": "0"}  # no dev generation: checkpoints ranked by dev loss
     cmd = [sys.executable, "-m", "mckd.tiny.compare", "compare", "--out", str(out),
            "--teacher-out", str(tmp_path / "teachers"), "--jobs", "2", "--seeds", "1",
            "--eval-seeds", "10", "--eval-num", "3", "--max-new-tokens", "8",
