@@ -311,3 +311,37 @@ def test_tiny_run_end_to_end(tmp_path):
     again = subprocess.run(["bash", str(copy / "scripts/tiny/run.sh")], env=env, capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0 and again.stderr.count("reusing") == 3
+
+
+@pytest.mark.slow
+def test_tinyllama_scripts_end_to_end_on_tiny_models(tmp_path, tiny_models):
+    """scripts/tinyllama as published (LoRA teacher SFT, then LoRA DSKD-CMA student with the
+    teacher's adapter merged) run for real on tiny Mistral/TinyLLaMA-config models on CPU."""
+    from conftest import write_word_data
+
+    data = write_word_data(tmp_path / "data", n_train=8, n_dev=2)
+    common = dict(GPUS="", DATA_DIR=str(data), BATCH_SIZE="2", GRAD_ACC="1", EPOCH="1",
+                  LORA_RANK="4", LORA_ALPHA="8", MAX_LENGTH="64", MAX_PROMPT_LENGTH="32",
+                  DEV_NUM="2", EVAL_GEN="0", PRECISION="fp32", EXTRA_ARGS="--max-steps 2")
+    base_env = {k: v for k, v in os.environ.items() if k not in _SCRIPT_VARS}
+    base_env.update(common, PYTHON=sys.executable)
+    mistral, tinyllama = tiny_models("mistral"), tiny_models("tinyllama", seed=3)
+    teacher_dir = tmp_path / "teacher"
+    proc = subprocess.run(["bash", str(ROOT / "scripts/tinyllama/sft_teacher_mistral.sh")],
+                          env={**base_env, "CKPT_PATH": str(mistral),
+                               "SAVE_PATH": str(teacher_dir)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    adapters = sorted(teacher_dir.glob("epoch*_step*/adapter_config.json"))
+    assert adapters, "the LoRA teacher SFT wrote no adapter checkpoint"
+    student_dir = tmp_path / "student"
+    proc = subprocess.run(["bash", str(ROOT / "scripts/tinyllama/dskd_cma_tinyllama.sh")],
+                          env={**base_env, "CKPT_PATH": str(tinyllama),
+                               "TEACHER_MODEL_PATH": str(mistral),
+                               "TEACHER_PEFT_PATH": str(adapters[-1].parent),
+                               "SAVE_PATH": str(student_dir)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(student_dir.glob("epoch*_step*/adapter_config.json"))
+    rows = [json.loads(x) for x in (student_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert any("t2s_ce_loss" in r and r["t2s_ce_loss"] > 0 for r in rows)
