@@ -146,20 +146,11 @@ def build_step(row, B, T, device, dtype, threads, top_k, flush_denormal=False):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
-    p.add_argument("--batch", type=int, default=4)
+    harness.add_common_args(p)
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 256])
     p.add_argument("--published-max-length", type=int, default=512,
                    help="skip the (slow, memory-hungry) published rows above this length")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--dtype", default="fp32", choices=tuple(harness.DTYPES))
-    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--top-k", type=int, default=400)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
-    p.add_argument("--keep-denormals", action="store_true",
-                   help="CPU: do not flush denormal floats to zero (see harness.configure_cpu)")
-    p.add_argument("--no-memory", dest="memory", action="store_false",
-                   help="CPU: skip the peak-memory pass (one fresh process per row and length)")
-    p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args(argv)
     harness.configure_cpu(args.threads, not args.keep_denormals)
     print(f"# {harness.machine()}; B={args.batch}, {args.device}, {args.dtype}, top-k {args.top_k}, "

@@ -50,6 +50,21 @@ class Inputs:
     words: list = field(default_factory=list)  # (B, T) token strings for the published Python DTW
 
 
+def add_common_args(p, *, memory: bool = True) -> None:
+    """The flags every benchmark script shares (device, dtype, repeats, threads, output)."""
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
+    p.add_argument("--keep-denormals", action="store_true",
+                   help="CPU: do not flush denormal floats to zero (see configure_cpu)")
+    if memory:
+        p.add_argument("--no-memory", dest="memory", action="store_false",
+                       help="CPU: skip the peak-memory pass (one fresh process per row and length)")
+    p.add_argument("--json", help="also write the rows to this file")
+
+
 def configure_cpu(threads: int, flush_denormal: bool = True) -> None:
     """Torch CPU threads, and flush denormal floats to zero (x86 FTZ/DAZ).
 
