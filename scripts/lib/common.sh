@@ -98,6 +98,20 @@ mckd_teacher_sft() {
   printf -v "${var}" '%s' "${found}"
 }
 
+# mckd_tinyllama_pair TEACHER_TYPE TEACHER_NAME: defaults of a TinyLLaMA student distilled from a
+# LoRA-SFT'd teacher (base model + the adapter of scripts/tinyllama/sft_teacher_<type>.sh); every
+# value stays overridable from the environment.
+mckd_tinyllama_pair() {
+  : "${CKPT_TYPE:=tinyllama}"
+  : "${CKPT_NAME:=tinyllama-1.1b-3T}"
+  : "${CKPT_PATH:=${BASE_PATH}/model_hub/${CKPT_TYPE}/${CKPT_NAME}}"
+  : "${TEACHER_MODEL_TYPE:=$1}"
+  : "${TEACHER_MODEL_NAME:=$2}"
+  : "${TEACHER_MODEL_PATH:=${BASE_PATH}/model_hub/${TEACHER_MODEL_TYPE}/${TEACHER_MODEL_NAME}}"
+  mckd_teacher_sft TEACHER_PEFT_PATH "${BASE_PATH}/outputs/${TEACHER_MODEL_TYPE}/${TEACHER_MODEL_NAME}/sft" \
+    "scripts/tinyllama/sft_teacher_${TEACHER_MODEL_TYPE}.sh"
+}
+
 # mckd_vocab_map FILE TEACHER STUDENT: build the MinED vocabulary map when FILE is missing.
 mckd_vocab_map() {
   local out=$1 teacher=$2 student=$3

@@ -8,14 +8,7 @@
 # Every value below can be overridden from the environment; launch options: scripts/lib/common.sh.
 source "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
 
-: "${CKPT_TYPE:=tinyllama}"
-: "${CKPT_NAME:=tinyllama-1.1b-3T}"
-: "${CKPT_PATH:=${BASE_PATH}/model_hub/${CKPT_TYPE}/${CKPT_NAME}}"
-: "${TEACHER_MODEL_TYPE:=mistral}"
-: "${TEACHER_MODEL_NAME:=mistral-7b-v0.1}"
-: "${TEACHER_MODEL_PATH:=${BASE_PATH}/model_hub/${TEACHER_MODEL_TYPE}/${TEACHER_MODEL_NAME}}"
-mckd_teacher_sft TEACHER_PEFT_PATH "${BASE_PATH}/outputs/${TEACHER_MODEL_TYPE}/${TEACHER_MODEL_NAME}/sft" \
-  scripts/tinyllama/sft_teacher_mistral.sh
+mckd_tinyllama_pair mistral mistral-7b-v0.1
 : "${TASK:=multi_level_ot}"
 : "${CRITERION:=multi_level_ot}"
 : "${BATCH_SIZE:=4}"

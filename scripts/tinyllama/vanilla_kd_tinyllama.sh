@@ -8,14 +8,7 @@
 # Every value below can be overridden from the environment; launch options: scripts/lib/common.sh.
 source "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
 
-: "${CKPT_TYPE:=tinyllama}"
-: "${CKPT_NAME:=tinyllama-1.1b-3T}"
-: "${CKPT_PATH:=${BASE_PATH}/model_hub/${CKPT_TYPE}/${CKPT_NAME}}"
-: "${TEACHER_MODEL_TYPE:=llama2}"
-: "${TEACHER_MODEL_NAME:=llama2-7b-hf}"
-: "${TEACHER_MODEL_PATH:=${BASE_PATH}/model_hub/${TEACHER_MODEL_TYPE}/${TEACHER_MODEL_NAME}}"
-mckd_teacher_sft TEACHER_PEFT_PATH "${BASE_PATH}/outputs/${TEACHER_MODEL_TYPE}/${TEACHER_MODEL_NAME}/sft" \
-  scripts/tinyllama/sft_teacher_llama2.sh
+mckd_tinyllama_pair llama2 llama2-7b-hf
 : "${TASK:=vanilla_kd}"
 : "${CRITERION:=various_divergence}"
 : "${BATCH_SIZE:=4}"
