@@ -89,8 +89,27 @@ def init_distributed(backend: str = "auto", *, deepspeed: bool = False, timeout_
 
 
 def cleanup() -> None:
+    """Destroy the process group, and DeepSpeed's cached groups with it, so that a later run in
+    the same process (tests, notebooks, in-process sweeps) starts from fresh groups."""
     if is_initialized():
         tdist.destroy_process_group()
+    _reset_deepspeed_groups()
+
+
+def _reset_deepspeed_groups() -> None:
+    """DeepSpeed caches sub-groups of the first process group in module globals
+    (``deepspeed.utils.groups``); after ``destroy_process_group`` they name a dead group and the next
+    ``deepspeed.initialize`` in this process fails ("Group ... is not registered")."""
+    import sys
+
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is None:
+        return
+    for name, value in list(vars(groups).items()):
+        if name.endswith("_GROUP") and name.startswith("_"):
+            setattr(groups, name, {} if isinstance(value, dict) else None)
+        elif name.endswith("_GROUP_RANKS") and isinstance(value, dict):
+            value.clear()
 
 
 def barrier() -> None:
