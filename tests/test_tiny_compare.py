@@ -44,6 +44,55 @@ def test_every_method_has_a_criterion_setting_and_rate():
     assert compare.methods({"mcw_kd": 0.25})[-1].kd_rate == 0.25
 
 
+def test_run_tasks_respects_dependencies_the_job_limit_and_weights():
+    import threading
+    import time
+
+    lock = threading.Lock()
+    log, running, peak = [], [0], [0]
+
+    def work(name, dt=0.05):
+        def fn():
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+                log.append(("start", name))
+            time.sleep(dt)
+            with lock:
+                running[0] -= 1
+                log.append(("end", name))
+            return name
+        return fn
+
+    slow_teacher = compare.Task("slow teacher", work("slow teacher", 0.3), 10)
+    fast_teacher = compare.Task("fast teacher", work("fast teacher", 0.05), 10)
+    sft = compare.Task("sft", work("sft"), 1)
+    heavy = compare.Task("heavy student", work("heavy student"), 5, (fast_teacher,))
+    light = compare.Task("light student", work("light student"), 2, (slow_teacher,))
+    ev = compare.Task("eval", work("eval"), 0.5, (heavy,))
+    tasks = [sft, light, ev, heavy, slow_teacher, fast_teacher]
+    compare.run_tasks(tasks, 2)
+    assert peak[0] == 2 and all(t.result == t.name for t in tasks)
+    pos = {(kind, n): k for k, (kind, n) in enumerate(log)}
+    for t in tasks:
+        for a in t.after:
+            assert pos[("end", a.name)] < pos[("start", t.name)]
+    # the students of the fast teacher do not wait for the slow one, and the heaviest ready goes first
+    assert pos[("start", "heavy student")] < pos[("end", "slow teacher")]
+    assert pos[("start", "heavy student")] < pos[("start", "sft")]
+
+
+def test_run_tasks_raises_the_first_failure_and_unknown_dependencies():
+    def boom():
+        raise ValueError("stage failed")
+
+    with pytest.raises(ValueError, match="stage failed"):
+        compare.run_tasks([compare.Task("a", boom), compare.Task("b", lambda: 1)], 2)
+    ghost = compare.Task("ghost", lambda: 0)
+    with pytest.raises(RuntimeError, match="wait on tasks not in the list"):
+        compare.run_tasks([compare.Task("orphan", lambda: 0, after=(ghost,))], 2)
+
+
 @pytest.mark.slow
 def test_compare_smoke_every_method_trains_and_evaluates(tmp_path):
     out = tmp_path / "compare"
@@ -75,4 +124,7 @@ def test_compare_smoke_every_method_trains_and_evaluates(tmp_path):
     for png in ("loss_curves.png", "scores.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     timing = json.loads((out / "timing.json").read_text())
-    assert timing["total_s"] >= timing["students_s"] > 0
+    assert timing["total_s"] >= timing["longest_teacher_s"] >= 0
+    assert {f"{m} seed 1" for m in compare.ORDER} <= set(timing["stages_s"])
+    summed = sum(timing["stages_s"].values())     # of rounded values
+    assert abs(timing["training_s_summed_over_stages"] - summed) <= len(timing["stages_s"]) and summed > 0

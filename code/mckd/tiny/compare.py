@@ -15,8 +15,10 @@ Two settings, as in the DSKD / MCW-KD papers:
 
 Every training stage is ``scripts/tiny/train.sh`` (so ``code/distillation.py`` with the tiny
 defaults), every evaluation ``code/evaluate.py run`` with the published sampling protocol. Stages
-run ``--jobs`` at a time (single-threaded processes are fastest on a small shared CPU). A stage
-whose directory already holds a checkpoint, and an evaluation already written, are reused.
+run ``--jobs`` at a time (single-threaded processes are fastest on a small shared CPU), each as soon
+as what it needs is there: a student starts when its own teacher is trained (SFT students at once),
+an evaluation when its checkpoint exists, the most expensive ready stage first. A stage whose
+directory already holds a finished run, and an evaluation already written, are reused.
 
 Outputs under ``--out``: ``<method>/seed<k>/`` runs, ``table.{md,csv}`` (mean +- sample std over
 training seeds of the per-seed ROUGE-L, itself the mean over the evaluation seeds), ``scores.csv``
@@ -34,9 +36,10 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[3]
@@ -107,9 +110,43 @@ class Stage:
     run_dir: Path
     env: dict
     weight: float = 1.0          # relative cost, to start the long stages first
+    teacher: "Stage | None" = None  # a student's teacher stage (its checkpoint is the teacher)
     ckpt: str | None = None
     seconds: float = 0.0
     log: list = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Task:
+    """A unit of work for :func:`run_tasks`: ``fn()`` once every task in ``after`` is done."""
+
+    name: str
+    fn: Callable[[], Any]
+    weight: float = 1.0
+    after: tuple = ()
+    result: Any = None
+
+
+def run_tasks(tasks: list[Task], jobs: int) -> None:
+    """Run ``tasks`` ``jobs`` at a time, each as soon as the tasks it needs are done, the heaviest
+    ready task first. The first failure is raised once the running tasks have ended."""
+    pending = sorted(tasks, key=lambda t: -t.weight)
+    done: set = set()
+    running: dict = {}
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        while pending or running:
+            for t in [t for t in pending if all(a in done for a in t.after)]:
+                if len(running) >= max(1, jobs):
+                    break
+                pending.remove(t)
+                running[pool.submit(t.fn)] = t
+            if not running:
+                raise RuntimeError(f"run_tasks: {[t.name for t in pending]} wait on tasks not in the list")
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in finished:
+                t = running.pop(f)
+                t.result = f.result()   # raises the task's exception (the pool waits for the others)
+                done.add(t)
 
 
 def best_checkpoint(run_dir: Path) -> str | None:
@@ -127,6 +164,8 @@ def finished(run_dir: Path) -> bool:
 
 
 def _train(stage: Stage) -> Stage:
+    if stage.teacher is not None:
+        stage.env["TEACHER_MODEL_PATH"] = stage.teacher.ckpt
     ckpt = best_checkpoint(stage.run_dir) if finished(stage.run_dir) else None
     if ckpt:
         logger.info("%s: reusing %s", stage.name, ckpt)
@@ -150,14 +189,6 @@ def _train(stage: Stage) -> Stage:
         raise RuntimeError(f"{stage.name}: no checkpoint in {stage.run_dir}; see {log}")
     logger.info("%s: trained in %.0f s -> %s", stage.name, stage.seconds, stage.ckpt)
     return stage
-
-
-def run_stages(stages: list[Stage], jobs: int) -> list[Stage]:
-    """Train ``stages``, ``jobs`` at a time, most expensive first; returns them in input order."""
-    order = sorted(stages, key=lambda s: -s.weight)
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        list(pool.map(_train, order))
-    return stages
 
 
 def evaluate(ckpt: str, data_dir: Path, seeds: list[int], num: int, out_dir: str | None = None,
@@ -192,17 +223,19 @@ def teacher_stages(out: Path, teacher_epoch: int, extra: str) -> list[Stage]:
             for t in TEACHERS.values()]
 
 
-def student_stage(m: Method, seed: int, run_dir: Path, teacher_ckpts: dict, epoch: int,
+def student_stage(m: Method, seed: int, run_dir: Path, teachers: dict, epoch: int,
                   extra: str) -> Stage:
+    """The training stage of method ``m`` with ``seed``; ``teachers`` maps a teacher name to its
+    stage (its checkpoint is read when the student starts)."""
     env = {"MODEL": "student", "CRITERION": m.criterion, "EPOCH": epoch, "SEED": seed,
            "EXTRA_ARGS": f"{m.extra} {extra}".strip()}
+    after = None
     if m.kd_rate is not None:
-        teacher = TEACHERS[m.setting]
-        env.update(TEACHER_MODEL_PATH=teacher_ckpts[teacher], TEACHER_MODEL_NAME=teacher,
-                   KD_RATE=m.kd_rate, KD_TEMP=m.kd_temp)
+        after = teachers[TEACHERS[m.setting]]
+        env.update(TEACHER_MODEL_NAME=TEACHERS[m.setting], KD_RATE=m.kd_rate, KD_TEMP=m.kd_temp)
     cost = {"cross_entropy": 1.0, "mcw_kd": 5.0, "multi_level_ot": 3.0,
             "dual_space_kd_with_cma": 3.0}.get(m.criterion, 2.0)
-    return Stage(f"{m.label} seed {seed}", run_dir, env, weight=cost)
+    return Stage(f"{m.label} seed {seed}", run_dir, env, weight=cost, teacher=after)
 
 
 def write_table(rows: list[dict], path: Path, teachers: dict, n_eval: int) -> str:
@@ -247,38 +280,50 @@ def write_table(rows: list[dict], path: Path, teachers: dict, n_eval: int) -> st
 
 
 def _common(args, settings: set) -> tuple[Path, str, dict]:
-    """Build the assets, train (or reuse) the teachers of ``settings``; returns (out, extra args,
-    teacher name -> checkpoint)."""
+    """Build the assets; returns (out, extra student args, teacher name -> teacher stage) for the
+    teachers of ``settings`` (trained, or reused, by the caller's task graph)."""
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     build = [sys.executable, "-m", "mckd.tiny.build", "--out", str(ROOT), *args.build_args.split()]
     subprocess.run(build, check=True, stdout=subprocess.DEVNULL,
                    env={**os.environ, "PYTHONPATH": str(ROOT / "code")})
-    extra = args.train_args
     names = {TEACHERS[s] for s in settings if s in TEACHERS}
     stages = [t for t in teacher_stages(Path(args.teacher_out).resolve(), args.teacher_epoch,
                                         args.teacher_args) if t.env["MODEL"] in names]
-    teachers = run_stages(stages, args.jobs)
-    return out, extra, {t.env["MODEL"]: t.ckpt for t in teachers}
+    return out, args.train_args, {t.env["MODEL"]: t for t in stages}
+
+
+def _graph(teachers: dict, students: list[Stage], evals: list[tuple[Stage, Callable]]) -> list[Task]:
+    """Tasks: each teacher, each student after its teacher, each evaluation after its stage."""
+    train = {id(st): Task(st.name, lambda st=st: _train(st), st.weight)
+             for st in [*teachers.values(), *students]}
+    for st in students:
+        if st.teacher is not None:
+            train[id(st)].after = (train[id(st.teacher)],)
+    ev = [Task(f"eval {st.name}", fn, 0.5, (train[id(st)],)) for st, fn in evals]
+    return [*train.values(), *ev]
 
 
 def cmd_compare(args) -> None:
     t_start = time.time()
     rates = dict(kv.split("=") for kv in args.rate)
     ms = [m for m in methods({k: float(v) for k, v in rates.items()}) if m.label in args.methods]
-    out, extra, tckpt = _common(args, set(TEACHERS))
-    t_teach = time.time() - t_start
-    stages = [(m, s, student_stage(m, s, out / m.label / f"seed{s}", tckpt, args.student_epoch, extra))
+    out, extra, tstage = _common(args, set(TEACHERS))
+    stages = [(m, s, student_stage(m, s, out / m.label / f"seed{s}", tstage, args.student_epoch, extra))
               for m in ms for s in args.seeds]
-    run_stages([st for _, _, st in stages], args.jobs)
-    t_train = time.time() - t_start - t_teach
-
     test_dir = ROOT / "data"
-    evals = [(None, None, tckpt[t]) for t in TEACHERS.values()] + [(m, s, st.ckpt) for m, s, st in stages]
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        res = list(pool.map(lambda e: evaluate(e[2], test_dir, args.eval_seeds, args.eval_num,
-                                               max_new_tokens=args.max_new_tokens), evals))
-    t_eval = time.time() - t_start - t_teach - t_train
+
+    def ev(st):
+        return lambda: evaluate(st.ckpt, test_dir, args.eval_seeds, args.eval_num,
+                                max_new_tokens=args.max_new_tokens)
+
+    ordered = [tstage[t] for t in TEACHERS.values()] + [st for _, _, st in stages]
+    evals = [(st, ev(st)) for st in ordered]
+    tasks = _graph(tstage, [st for _, _, st in stages], evals)
+    run_tasks(tasks, args.jobs)
+    res = [t.result for t in tasks[-len(evals):]]
+    t_teach = max(st.seconds for st in tstage.values())
+    t_train = sum(st.seconds for st in ordered)
     teachers = {s: seed_score(res[i], args.eval_seeds) for i, s in enumerate(TEACHERS)}
     rows = [{"setting": m.setting, "method": m.label, "kd_rate": m.kd_rate, "seed": s,
              "score": seed_score(r, args.eval_seeds), "ckpt": st.ckpt, "train_s": round(st.seconds, 1)}
@@ -289,9 +334,10 @@ def cmd_compare(args) -> None:
         w.writerows(rows)
     n = res[0]["n_examples"]
     md = write_table(rows, out / "table", teachers, n)
-    timing = {"teachers_s": round(t_teach), "students_s": round(t_train), "eval_s": round(t_eval),
-              "total_s": round(time.time() - t_start), "jobs": args.jobs, "seeds": args.seeds,
-              "eval_seeds": args.eval_seeds}
+    timing = {"total_s": round(time.time() - t_start), "jobs": args.jobs,
+              "longest_teacher_s": round(t_teach), "training_s_summed_over_stages": round(t_train),
+              "stages_s": {st.name: round(st.seconds) for st in ordered},
+              "seeds": args.seeds, "eval_seeds": args.eval_seeds}
     (out / "timing.json").write_text(json.dumps(timing, indent=1))
     try:
         from mckd.tiny.plots import plot_loss_curves, plot_scores
@@ -306,7 +352,7 @@ def cmd_compare(args) -> None:
 def cmd_tune(args) -> None:
     """Grid over kd_rate (and MCW-KD variants) with one seed; dev ROUGE-L of the best checkpoint."""
     labels = {spec.split(":")[0] for spec in args.grid}
-    out, extra, tckpt = _common(args, {CRITERIA[lab][1] for lab in labels if lab in CRITERIA})
+    out, extra, tstage = _common(args, {CRITERIA[lab][1] for lab in labels if lab in CRITERIA})
     dev_root = out / "dev_data"
     (dev_root / "tiny").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ROOT / "data/tiny/dev.jsonl", dev_root / "tiny/valid.jsonl")
@@ -319,13 +365,16 @@ def cmd_tune(args) -> None:
         crit, setting, temp = ("cross_entropy", "both", None) if label == "sft" else CRITERIA[label]
         m = Method(label, crit, setting, None if label == "sft" else rate, temp, flags)
         name = spec.replace(":", "__").replace(",", "_").replace("--", "").replace("/", "_")
-        grid.append((spec, m, student_stage(m, args.seeds[0], out / name, tckpt, args.student_epoch,
+        grid.append((spec, m, student_stage(m, args.seeds[0], out / name, tstage, args.student_epoch,
                                             extra)))
-    run_stages([st for *_, st in grid], args.jobs)
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        res = list(pool.map(lambda g: evaluate(g[2].ckpt, dev_root, args.eval_seeds, args.eval_num,
-                                               out_dir=str(Path(g[2].ckpt) / "eval-dev"),
-                                               max_new_tokens=args.max_new_tokens), grid))
+
+    def ev(st):
+        return lambda: evaluate(st.ckpt, dev_root, args.eval_seeds, args.eval_num,
+                                out_dir=str(Path(st.ckpt) / "eval-dev"), max_new_tokens=args.max_new_tokens)
+
+    tasks = _graph(tstage, [st for *_, st in grid], [(st, ev(st)) for *_, st in grid])
+    run_tasks(tasks, args.jobs)
+    res = [t.result for t in tasks[-len(grid):]]
     lines = ["| method | kd_rate | flags | dev ROUGE-L | train s |", "|---|---|---|---|---|"]
     for (spec, m, st), r in zip(grid, res):
         lines.append(f"| {m.label} | {m.kd_rate if m.kd_rate is not None else ''} | {m.extra} | "
