@@ -117,3 +117,33 @@ def test_deepspeed_launcher_two_ranks_zero3_with_teacher(setup, tmp_path, tiny_m
     import torch
 
     assert int(torch.load(state)["updates"]) == STEPS
+
+
+def test_single_process_deepspeed_init_leaves_the_process_clean(monkeypatch):
+    """In-process DeepSpeed runs (tests, notebooks, sweeps): init fills the rendezvous variables
+    with a free port, cleanup unsets them and DeepSpeed's cached groups, so a second
+    deepspeed.initialize in the same process and a launcher started afterwards begin clean."""
+    pytest.importorskip("deepspeed")
+    import torch
+    from deepspeed.utils import groups
+
+    from mckd import dist
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    for _ in range(2):
+        dist.init_distributed("gloo", deepspeed=True)
+        assert dist.is_initialized() and dist.world_size() == 1
+        port = int(os.environ["MASTER_PORT"])
+        assert 0 < port < 65536
+        import deepspeed
+
+        engine, *_ = deepspeed.initialize(model=torch.nn.Linear(2, 2), config={
+            "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2},
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}})
+        assert groups._get_data_parallel_group() is not None
+        dist.cleanup()
+        assert not dist.is_initialized()
+        assert groups._WORLD_GROUP is None and groups._DATA_PARALLEL_GROUP is None
+        assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} & set(os.environ)

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as tdist
 
 logger = logging.getLogger(__name__)
+_ENV_SET: list[str] = []   # environment variables init_distributed set (cleanup unsets them)
 
 
 def env_world_size() -> int:
@@ -75,11 +76,16 @@ def init_distributed(backend: str = "auto", *, deepspeed: bool = False, timeout_
     if deepspeed:
         import deepspeed as ds
 
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        # A single process without a launcher: fill the rendezvous variables (a free local port),
+        # and remember them so that cleanup() leaves the environment as it found it.
+        defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+        for key, value in defaults.items():
+            if key not in os.environ:
+                os.environ[key] = value
+                _ENV_SET.append(key)
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(_free_port())
+            _ENV_SET.append("MASTER_PORT")
         ds.init_distributed(dist_backend=backend, timeout=timeout)
     elif env_world_size() > 1:
         tdist.init_process_group(backend=backend, timeout=timeout)
@@ -89,11 +95,23 @@ def init_distributed(backend: str = "auto", *, deepspeed: bool = False, timeout_
 
 
 def cleanup() -> None:
-    """Destroy the process group, and DeepSpeed's cached groups with it, so that a later run in
-    the same process (tests, notebooks, in-process sweeps) starts from fresh groups."""
+    """Destroy the process group, and DeepSpeed's cached groups with it, and unset the
+    rendezvous variables :func:`init_distributed` set, so that a later run in the same process
+    (tests, notebooks, in-process sweeps) or a launcher it starts begins from a clean state."""
     if is_initialized():
         tdist.destroy_process_group()
     _reset_deepspeed_groups()
+    while _ENV_SET:
+        os.environ.pop(_ENV_SET.pop(), None)
+
+
+def _free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the OS picks it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _reset_deepspeed_groups() -> None:
