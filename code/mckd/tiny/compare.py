@@ -171,7 +171,8 @@ def _train(stage: Stage) -> Stage:
         logger.info("%s: reusing %s", stage.name, ckpt)
         stage.ckpt = ckpt
         return stage
-    env = {**os.environ, "GPUS": "", "OMP_NUM_THREADS": "1", "SAVE_PATH": str(stage.run_dir),
+    env = {"PYTHON": sys.executable,   # the stages use this interpreter unless PYTHON says otherwise
+           **os.environ, "GPUS": "", "OMP_NUM_THREADS": "1", "SAVE_PATH": str(stage.run_dir),
            **{k: str(v) for k, v in stage.env.items()}}
     if stage.run_dir.is_dir():
         env["RESUME"] = "1"   # an interrupted run: continue it
