@@ -17,7 +17,6 @@ length uses the same student tensors.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -133,10 +132,7 @@ def main(argv=None) -> int:
         res = run_length(args.rows, args.batch, T, args)
         results.extend(res)
         print_rows(res)
-    print(f"# done: {harness.machine()}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
-    return 0
+    return harness.finish(results, args.json)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ Rows:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -185,10 +184,7 @@ def main(argv=None) -> int:
                 if r in med:
                     print(f"# L={T}: {r} / dual_space_kd_with_cma = {med[r] / med['dual_space_kd_with_cma']:.2f}x")
         results.extend(res)
-    print(f"# done: {harness.machine()}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
-    return 0
+    return harness.finish(results, args.json)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ and the criterion's trainable parts; the teacher runs under ``no_grad`` in eval 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -129,10 +128,7 @@ def main(argv=None) -> int:
                           f"{med[r] / med['dual_space_kd_with_cma']:.2f}x (target <= 1.3x)", flush=True)
         results.extend(res)
         del fns
-    print(f"# done: {harness.machine()}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
-    return 0
+    return harness.finish(results, args.json)
 
 
 if __name__ == "__main__":

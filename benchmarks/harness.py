@@ -253,3 +253,13 @@ def machine() -> str:
     load = os.getloadavg()
     return (f"{dev}; {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
             f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {time.strftime('%Y-%m-%d %H:%M %Z')}")
+
+
+def finish(results, json_path: str | None) -> int:
+    """End of a benchmark script: the closing machine line, and the rows as json when asked."""
+    import json
+
+    print(f"# done: {machine()}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=1))
+    return 0
