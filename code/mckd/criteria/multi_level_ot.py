@@ -1,33 +1,46 @@
-"""``multi_level_ot``: Multi-Level OT baseline (Cui et al. 2025) as in the MCW-KD code (spec 6.6).
+"""``multi_level_ot``: Multi-Level OT baseline (Cui et al. 2025) as in the MCW-KD code.
 
 After response-start alignment (:func:`~mckd.criteria.universal_logit_distillation.
-response_start_alignment`), each position's logits are scaled by their std over the vocabulary,
-softened with temperature 2 and reduced to their K = 50 largest probabilities, ranked:
+response_start_alignment`), each position's logits are divided by (their unbiased std over the
+vocabulary + 1e-4), softened with temperature 2 and reduced to K = 50 probabilities, ranked.
 
-    token level:    L1  = sum_k |p_k - q_k|,   KL = -sum_k q_k log p_k   (KL without teacher entropy)
-    sequence level: OT  = <P, W>,  W_ij = sum_k |p_k(i) - q_k(j)| over the aligned positions,
-                          P = Sinkhorn(W, eps = 0.1, 10 iterations, uniform marginals)
-    multi = L1 + 0.1 KL + 0.1 * 0.001 * OT,        loss = CE + l * multi   (published: additive)
+``variant="fixed"`` (default), on the aligned pairs ``i`` (``p``, ``q``: the K largest student /
+teacher probabilities of the position, descending)::
 
-``variant="fixed"`` (default) differs from the published code (``variant="published"``) in:
+    token level:    L1 = sum_i sum_k |p_k - q_k|,   KL = -sum_i sum_k q_k log p_k
+    sequence level: OT = sum_b n_b <P_b, W_b>,  W_b[i, j] = sum_k |p_k(i) - q_k(j)|,
+                    P_b = Sinkhorn(W_b, eps 0.1, 10 iterations, marginals 1/n_b), n_b aligned pairs
+    multi = L1 + 0.1 KL + 0.1 * 0.001 OT,           loss = CE + l * multi   (published: additive)
 
-* M24: no second softmax. The published code applied ``softmax(. / 2)`` to *probabilities*
-  again inside the OT and ``log_softmax`` to probabilities in the KL, which makes both nearly
-  uniform; here the OT and KL use the top-k probabilities themselves.
-* M26: the published top-k used ONE vocabulary permutation for the whole batch (ordered by mass
-  summed over every position, padding included), its L1/KL means and OT ran over all positions
-  including prompt and padding, and the loss was that global scalar times the number of valid
-  tokens. Here top-k is per position, L1 and KL are token sums over the aligned response pairs,
-  the OT of each example has uniform marginals over its aligned pairs and enters as
-  ``n_b * OT_b`` (a per-sequence term on the token-sum scale; the published sum over examples
-  times the token count grew with the batch size).
+``variant="published"`` reproduces the published formulas on the tensors it receives, over all
+``L = min(T_s, T_t)`` rolled positions of the ``B`` examples (wrap-around like ``torch.roll``,
+prompt and padding included); ``p``, ``q`` are the columns of ONE vocabulary order per side, by
+probability mass summed over every position, first K kept::
+
+    KL  = 0.1 * mean over the B*L positions of -sum_k softmax(q)_k log_softmax(p)_k
+    L1  = mean over the B*L positions of sum_k |p_k - q_k|
+    OT  = 0.1 * sum_b 0.001 <P_b, W_b>,  W_b[i, j] = |softmax(p(i) / 2) - softmax(q(j) / 2)|_1,
+          P_b = exp(-W_b / 0.1), then 10 times: every row divided by its sum, then every column
+          (column sums 1, total mass L)
+    multi = (OT + KL + L1) * n_valid,   n_valid = positions labelled on both sides
+
+The fixed variant differs from the published one in:
+
+* M24: no second softmax. The published code applied ``softmax(. / 2)`` to the top-K
+  *probabilities* again inside the OT, and in the KL took ``log_softmax`` of the student's and
+  ``softmax`` of the teacher's probabilities, which makes both sides nearly uniform; here the OT and
+  KL use the top-K probabilities themselves.
+* M26: the published top-K used one vocabulary order for the whole batch (padding included), its
+  L1/KL means and OT ran over all positions including prompt and padding, and the loss was that
+  global scalar times the number of valid tokens. Here top-K is per position, L1 and KL are token
+  sums over the aligned response pairs, and the OT of each example is a plan of unit mass
+  (marginals 1/n_b) on its aligned pairs entering as ``n_b * OT_b``: the token-sum scale of the
+  published plan, whose mass is its number of columns L.
 * M25: accuracy is the usual token accuracy (the published one compared unrolled logits with
   rolled labels).
 
-``variant="published"`` reproduces the published formulas on the tensors it receives (all
-``min(T_s, T_t)`` rolled positions, with wrap-around like ``torch.roll``). With our dynamic
-padding the padded length is not the published 512, so the published variant still differs
-numerically from a published run; it exists to measure what the fixes change.
+With our dynamic padding the padded length is not the published 512, so the published variant
+still differs numerically from a published run; it exists to measure what the fixes change.
 """
 from __future__ import annotations
 
@@ -43,9 +56,9 @@ MLOT_VARIANTS = ("fixed", "published")
 
 
 def std_scaled(logits: torch.Tensor) -> torch.Tensor:
-    """Divide each position's logits by their (unbiased) std over the vocabulary, no centring."""
+    """``z / (std(z) + 1e-4)`` per position: unbiased std over the vocabulary, no centring."""
     z = upcast(logits)
-    return z / z.std(dim=-1, keepdim=True).clamp_min(1e-6)
+    return z / (z.std(dim=-1, keepdim=True) + 1e-4)
 
 
 def _top_k_probs(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
@@ -86,22 +99,30 @@ def multi_level_ot_fixed(zs: torch.Tensor, zt: torch.Tensor, valid: torch.Tensor
     return {"multi": multi, "l1": l1.detach(), "kl": kl.detach(), "ot": ot_tok.detach()}
 
 
-def _published_sinkhorn(cost: torch.Tensor, reg: float, iters: int) -> torch.Tensor:
-    """The published row-then-column scaling on exp(-C/reg), batched. (B, M, N) -> plan."""
-    P = torch.exp(-cost / reg)
-    P = P / P.sum(dim=(1, 2), keepdim=True)
-    M, N = cost.shape[1:]
+def _row_column_scaled_plan(cost: torch.Tensor, reg: float, iters: int) -> torch.Tensor:
+    """The published plan, batched: ``exp(-C / reg)``, then ``iters`` times every row divided by
+    its sum, then every column by its sum. (B, M, N) -> (B, M, N) with column sums 1."""
+    plan = torch.exp(-cost / reg)
     for _ in range(iters):
-        P = P * ((1.0 / M) / P.sum(dim=2, keepdim=True))
-        P = P * ((1.0 / N) / P.sum(dim=1, keepdim=True))
-    return P
+        plan = plan / plan.sum(dim=2, keepdim=True)
+        plan = plan / plan.sum(dim=1, keepdim=True)
+    return plan
 
 
 def multi_level_ot_published(zs: torch.Tensor, zt: torch.Tensor, valid: torch.Tensor, *,
                              temperature: float = 2.0, top_k: int = 50, sinkhorn_eps: float = 0.1,
                              sinkhorn_iters: int = 10) -> dict[str, torch.Tensor]:
-    """The published formulas (see module docstring); ``valid`` only counts the tokens."""
-    p = torch.softmax(std_scaled(zs) / temperature, dim=-1)                  # (B, N, V_s)
+    """The published formulas (see module docstring); ``valid`` only counts the tokens.
+
+    Args:
+        zs: (B, L, V_s) student logits at the rolled positions.
+        zt: (B, L, V_t) teacher logits at the rolled positions.
+        valid: (B, L) bool, positions labelled on both sides.
+
+    Returns:
+        dict with ``multi`` (differentiable) and detached ``l1``, ``kl``, ``ot`` (each times n_valid).
+    """
+    p = torch.softmax(std_scaled(zs) / temperature, dim=-1)                  # (B, L, V_s)
     with torch.no_grad():
         q = torch.softmax(std_scaled(zt.detach()) / temperature, dim=-1)
     # one global permutation per side, by mass over every position (padding included)
@@ -110,11 +131,12 @@ def multi_level_ot_published(zs: torch.Tensor, zt: torch.Tensor, valid: torch.Te
     q = q.index_select(-1, q.sum(dim=(0, 1)).topk(k_t).indices)
     k = max(k_s, k_t)
     p, q = _pad_vocab(p, k), _pad_vocab(q, k)
-    ps, qs = torch.softmax(p / temperature, -1), torch.softmax(q / temperature, -1)  # 2nd softmax
-    cost = torch.cdist(ps, qs, p=1)
-    plan = _published_sinkhorn(cost, sinkhorn_eps, sinkhorn_iters)
+    # sequence level: a second softmax of the probabilities, at the same temperature
+    cost = torch.cdist(torch.softmax(p / temperature, -1), torch.softmax(q / temperature, -1), p=1)
+    plan = _row_column_scaled_plan(cost, sinkhorn_eps, sinkhorn_iters)
     ot = 0.1 * (0.001 * (plan * cost).sum())
-    kl = 0.1 * -(q * torch.log_softmax(p, dim=-1)).sum(-1).mean()
+    # token level: softmax of the probabilities on both sides of the KL
+    kl = 0.1 * -(torch.softmax(q, dim=-1) * torch.log_softmax(p, dim=-1)).sum(-1).mean()
     l1 = (p - q).abs().sum(-1).mean()
     n_valid = valid.sum()
     multi = (ot + kl + l1) * n_valid
