@@ -223,15 +223,19 @@ def test_condition_c_falls_back_to_one_hot():
     torch.testing.assert_close(loss, -torch.log_softmax(s[0, 0], -1)[2], rtol=1e-5, atol=1e-5)
 
 
-def test_inputs_are_not_mutated_and_bf16_logits_work():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inputs_are_not_mutated_and_bf16_logits_work(dtype):
+    """In fp32 too: the published fp32 code wrote the targets into a view of the student's logits
+    (``.float()`` does not copy), which made its KL exactly 0."""
     batch, s, t, tea2stu = random_case(seed=6)
-    s, t = s.bfloat16(), t.bfloat16()
+    s, t = s.to(dtype), t.to(dtype)
     before = ({k: v.clone() for k, v in batch.items()}, s.clone(), t.clone())
     crit = MinEditDisKLD(tea2stu, student_vocab=s.shape[-1])
-    loss, _, _ = crit(batch, view(s), view(t))
+    loss, _, metrics = crit(batch, view(s), view(t))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert all(torch.equal(batch[k], before[0][k]) for k in batch)
     assert torch.equal(s, before[1]) and torch.equal(t, before[2])
+    assert metrics["kd_loss"] > 1.0
 
 
 def test_gradcheck_float64():
