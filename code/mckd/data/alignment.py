@@ -69,6 +69,15 @@ def word_marker(tokenizer) -> str:
     return best if counts[best] >= 0.01 * max(1, len(vocab)) else ""
 
 
+def feature_markers(student_tokenizer, teacher_tokenizer, alignment) -> tuple[str, str]:
+    """``(student, teacher)`` word markers that the features in ``alignment`` strip: those of
+    :func:`word_marker` when ``"mined_dtw"`` is requested, else ``("", "")`` (``"dtw"`` keeps them).
+    Reading a large vocabulary takes a moment: compute this once when building many batches."""
+    if MINED not in check_alignment_names(alignment):
+        return "", ""
+    return word_marker(student_tokenizer), word_marker(teacher_tokenizer)
+
+
 def token_strings(tokenizer, ids, strip: str = "") -> list[str]:
     """``convert_ids_to_tokens(ids)`` (special tokens kept), with ``strip`` removed if given."""
     toks = tokenizer.convert_ids_to_tokens([int(i) for i in ids])

@@ -3,14 +3,20 @@
 Dynamic padding: every tensor is padded to the longest sequence *of the batch* (not to
 ``max_length``), on the right, with the tokenizer's pad id and ``attention_mask`` 0. Ragged
 alignment features become padded tensors plus masks (see :mod:`mckd.data.alignment`).
+
+:func:`build_batch` makes the same batch from raw text (prompts and responses held in memory),
+through the same per-example code as the cached dataset and this collator.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from mckd.data import alignment as al
 from mckd.data.batch import IGNORE_INDEX, teacher_key
+from mckd.data.dataset import _process_batch, check_pipeline_options
 
 
 def _pad_side(rows: list[dict], prefix: str, pad_id: int) -> dict[str, np.ndarray]:
@@ -96,3 +102,82 @@ class DistillCollator:
         mask = np.arange(P)[None, :] < np.asarray(lens)[:, None]
         return {"dtw_index": torch.from_numpy(index), "dtw_value": torch.from_numpy(value),
                 "dtw_mask": torch.from_numpy(mask)}
+
+
+def build_batch(prompts: Sequence[str], responses: Sequence[str], *, student_tokenizer,
+                teacher_tokenizer=None, alignment=(), max_length: int = 512,
+                max_prompt_length: int = 256, example_index: Sequence[int] | None = None,
+                markers: tuple[str, str] | None = None,
+                drop_unlabeled: bool = False) -> dict[str, torch.Tensor]:
+    """A training batch from raw text: every tensor the data pipeline gives for these examples.
+
+    Each example goes through the per-example tokenisation and alignment code that
+    :func:`mckd.data.build_dataset` caches, and the rows through :class:`DistillCollator`, so the
+    result equals collating the cached rows of the same texts with the same options (tokens,
+    labels, masks, positions, offsets and every alignment feature). For batches that exist only
+    in memory: responses sampled on-policy, external harnesses.
+
+    Args:
+        prompts: (B,) prompt texts, already rendered (:attr:`mckd.data.examples.Example.prompt`:
+            template applied, ``<n>`` replaced by newlines).
+        responses: (B,) response texts (training uses ``Example.outputs[0]``); each side's eos
+            token is appended.
+        student_tokenizer: the student's fast tokenizer (``mckd.models.tokenizers.load_tokenizer``).
+        teacher_tokenizer: the teacher's; ``None`` gives a student-only batch (no ``teacher_*``
+            keys, no alignment features).
+        alignment: the alignment features the criterion needs (``Criterion.alignment``), names
+            from :data:`mckd.data.alignment.KNOWN_ALIGNMENTS`. MinED's vocabulary map is not a
+            batch feature: the criterion holds it.
+        max_length: the run's ``--max-length`` (tokens of prompt + response + eos per side).
+        max_prompt_length: the run's ``--max-prompt-length`` (tail-keeping prompt truncation).
+        example_index: the ``example_index`` of each row (default ``0 .. B-1``).
+        markers: ``(student, teacher)`` word markers from
+            :func:`mckd.data.alignment.feature_markers`; computed from the tokenizers when
+            ``None``. Pass them when building many batches with large vocabularies.
+        drop_unlabeled: an example whose response is truncated away entirely (no label token on
+            the student or the teacher side) is dropped when True, as ``build_dataset`` drops it;
+            ``example_index`` of the result names the rows kept. When False it is an error.
+
+    Returns:
+        ``dict[str, Tensor]`` with the keys and shapes of :mod:`mckd.data.batch` and
+        :mod:`mckd.data.alignment`, padded to the longest sequence of the batch.
+
+    Raises:
+        ValueError: empty batch, ``prompts``/``responses``/``example_index`` of different lengths
+            or not strings, a dropped example with ``drop_unlabeled=False``, or any option that
+            ``build_dataset`` rejects.
+    """
+    alignment = check_pipeline_options(student_tokenizer, teacher_tokenizer, alignment, max_length,
+                                       max_prompt_length, "build_batch")
+    prompts, responses = list(prompts), list(responses)
+    index = list(range(len(prompts))) if example_index is None else [int(i) for i in example_index]
+    if not prompts or len(responses) != len(prompts) or len(index) != len(prompts):
+        raise ValueError("build_batch: need as many responses and example_index values as "
+                         f"prompts, at least one; got {len(prompts)} prompts, {len(responses)} "
+                         f"responses, {len(index)} example_index values")
+    for name, texts in (("prompts", prompts), ("responses", responses)):
+        bad = [i for i, x in enumerate(texts) if not isinstance(x, str)]
+        if bad:
+            raise ValueError(f"build_batch: {name}[{bad[0]}] is a {type(texts[bad[0]]).__name__}, "
+                             "not a string")
+    if markers is None:
+        markers = al.feature_markers(student_tokenizer, teacher_tokenizer, alignment)
+    positions = list(range(len(prompts)))  # mapped back to ``index`` below
+    cols = _process_batch({"prompt": prompts, "output": responses, "example_index": positions},
+                          student_tokenizer=student_tokenizer, teacher_tokenizer=teacher_tokenizer,
+                          max_prompt_length=max_prompt_length, max_length=max_length,
+                          alignment=alignment, markers=tuple(markers))
+    kept = cols.get("example_index", [])
+    if len(kept) < len(prompts) and not drop_unlabeled:
+        lost = sorted(set(positions) - set(kept))[0]
+        raise ValueError(f"build_batch: the response of example {index[lost]} (row {lost}) is "
+                         f"truncated away entirely (max_length={max_length}); shorten its prompt, "
+                         "raise max_length, or pass drop_unlabeled=True to drop it as "
+                         "build_dataset does")
+    if not kept:
+        raise ValueError(f"build_batch: every response is truncated away (max_length={max_length})")
+    rows = [{k: v[r] for k, v in cols.items()} for r in range(len(kept))]
+    for row in rows:
+        row["example_index"] = index[row["example_index"]]
+    teacher_pad = None if teacher_tokenizer is None else teacher_tokenizer.pad_token_id
+    return DistillCollator(student_tokenizer.pad_token_id, teacher_pad, alignment=alignment)(rows)

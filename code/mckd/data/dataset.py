@@ -91,6 +91,30 @@ def encode_example(tokenizer, prompt: str, output: str, max_prompt_length: int, 
             "prompt_len": n_prompt, "n_labels": max(n - 1 - max(n_prompt - 1, 0), 0)}
 
 
+def check_pipeline_options(student_tokenizer, teacher_tokenizer, alignment, max_length: int,
+                           max_prompt_length: int, caller: str) -> tuple[str, ...]:
+    """Validate the options shared by :func:`build_dataset` and :func:`mckd.data.build_batch`.
+
+    Returns:
+        ``alignment`` normalised (a tuple of known names, duplicates removed).
+
+    Raises:
+        ValueError: unknown alignment name, alignment without a teacher, lengths out of range, or
+            a tokenizer that is not fast or has no eos token; the message starts with ``caller``.
+    """
+    alignment = al.check_alignment_names(alignment)
+    if alignment and teacher_tokenizer is None:
+        raise ValueError(f"{caller}(alignment={list(alignment)}) needs a teacher_tokenizer")
+    if max_length < 2 or max_prompt_length < 1:
+        raise ValueError(f"{caller}: max_length={max_length} must be >= 2 and "
+                         f"max_prompt_length={max_prompt_length} >= 1")
+    for tok, what in ((student_tokenizer, "student"), (teacher_tokenizer, "teacher")):
+        if tok is not None and (tok.eos_token_id is None or not getattr(tok, "is_fast", False)):
+            raise ValueError(f"{caller}: the {what} tokenizer must be a fast tokenizer with an "
+                             "eos token (load it with mckd.models.tokenizers.load_tokenizer)")
+    return alignment
+
+
 def _process_batch(batch, *, student_tokenizer, teacher_tokenizer, max_prompt_length, max_length,
                    alignment, markers):
     """``datasets.map`` function (batched): tokenise, drop response-less rows, align."""
@@ -195,20 +219,11 @@ def build_dataset(path, *, student_tokenizer, teacher_tokenizer=None, max_length
     """
     from datasets import Dataset
 
-    alignment = al.check_alignment_names(alignment)
-    if alignment and teacher_tokenizer is None:
-        raise ValueError(f"build_dataset(alignment={list(alignment)}) needs a teacher_tokenizer")
-    if max_length < 2 or max_prompt_length < 1:
-        raise ValueError(f"build_dataset: max_length={max_length} must be >= 2 and "
-                         f"max_prompt_length={max_prompt_length} >= 1")
+    alignment = check_pipeline_options(student_tokenizer, teacher_tokenizer, alignment, max_length,
+                                       max_prompt_length, "build_dataset")
     path = Path(path)
     examples = read_examples(path, limit=limit)  # validates everything before any cache write
-    for tok, what in ((student_tokenizer, "student"), (teacher_tokenizer, "teacher")):
-        if tok is not None and (tok.eos_token_id is None or not getattr(tok, "is_fast", False)):
-            raise ValueError(f"build_dataset: the {what} tokenizer must be a fast tokenizer with an "
-                             "eos token (load it with mckd.models.tokenizers.load_tokenizer)")
-    markers = ((al.word_marker(student_tokenizer), al.word_marker(teacher_tokenizer))
-               if al.MINED in alignment else ("", ""))
+    markers = al.feature_markers(student_tokenizer, teacher_tokenizer, alignment)
     key_parts = {
         "version": PIPELINE_VERSION, "file": _file_sha256(path), "limit": limit,
         "max_length": max_length, "max_prompt_length": max_prompt_length,
