@@ -1,7 +1,8 @@
 """Cross-tokenizer alignment features, computed once per example in the cached data pipeline.
 
 A criterion lists the features it needs in ``Criterion.alignment``; :func:`mckd.data.build_dataset`
-computes them inside its cached ``datasets.map`` and :class:`mckd.data.DistillCollator` pads them.
+computes them inside its cached ``datasets.map`` and :class:`mckd.data.DistillCollator` pads them;
+:func:`mckd.data.build_batch` does both for a batch of raw text.
 Batch keys (``B`` batch, ``T_s``/``T_t`` student/teacher length, ``P`` longest path list):
 
 ``"mined_dtw"`` (MinED, spec 6.5 steps 2-3(a)):
