@@ -32,13 +32,13 @@ def tiny(tmp_path_factory):
     """(student tokenizer, teacher tokenizer, jsonl path) trained and written by the test."""
     from mckd.models.tokenizers import load_tokenizer
     from mckd.tiny.tasks import generate_splits
-    from mckd.tiny.train_tokenizers import corpus, train_byte_level_bpe, train_metaspace_bpe
+    from mckd.tiny.train_tokenizers import corpus, train_byte_level_bpe, train_llama_style_bpe
 
     base = tmp_path_factory.mktemp("build_batch")
     splits = generate_splits({"train": 200, "dev": 12, "test": 1}, seed=7)
     texts = corpus(splits["train"])
     s = load_tokenizer(str(train_byte_level_bpe(texts, base / "student", vocab_size=400)), what="student")
-    t = load_tokenizer(str(train_metaspace_bpe(texts, base / "teacher", vocab_size=500)), what="teacher")
+    t = load_tokenizer(str(train_llama_style_bpe(texts, base / "teacher", vocab_size=500)), what="teacher")
     path = base / "dev.jsonl"
     with path.open("w", encoding="utf-8") as f:
         for rec in splits["dev"] + ODD:

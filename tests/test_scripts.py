@@ -6,6 +6,7 @@ it lives in, and follow the launch variables (GPUS, LAUNCHER, RESUME, overrides)
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shlex
@@ -243,7 +244,12 @@ def test_tiny_stage_dry_run(criterion, tmp_path):
     assert cfg.model.teacher_model_type == ("gpt2" if teacher == "teacher_same_vocab" else "llama")
     needs_projector = criterion in ("dual_space_kd", "dual_space_kd_with_cma", "mcw_kd")
     assert (ns.projector_config_path is not None) == needs_projector
-    assert ns.kd_rate == {"mcw_kd": 5.0, "multi_level_ot": 1.0}.get(criterion, 0.5)
+    # KD defaults: the criterion's row of scripts/tiny/methods.tsv
+    sys.path.insert(0, str(ROOT / "scripts" / "tiny"))
+    import compare
+
+    row = next(m for m in compare.read_methods().values() if m.criterion == criterion)
+    assert ns.kd_rate == row.kd_rate and ns.kd_temperature == row.kd_temp
     if criterion == "min_edit_dis_kld":
         assert ns.teacher_to_student_id_mapping.endswith("teacher_to_student.json")
         missing = tmp_path / "maps" / "t2s.json"
@@ -253,7 +259,7 @@ def test_tiny_stage_dry_run(criterion, tmp_path):
 
 
 def test_tiny_scripts_are_valid_bash():
-    for name in ("run.sh", "train.sh", "compare.sh"):
+    for name in ("run.sh", "train.sh", "compare.sh", "tune.sh"):
         assert subprocess.run(["bash", "-n", str(ROOT / "scripts/tiny" / name)]).returncode == 0
 
 
@@ -280,37 +286,38 @@ def test_deepspeed_configs_fill_and_validate(path):
 
 @pytest.mark.slow
 def test_tiny_run_end_to_end(tmp_path):
-    """scripts/tiny/run.sh in a copy of the project: build, teacher SFT, student SFT, MCW-KD,
-    evaluation and the results table, with tiny data and step counts (about a minute on CPU)."""
+    """scripts/tiny/run.sh in a copy of the project: build, teacher SFT, SFT and MCW-KD students
+    with two paired seeds, evaluation and the table of paired differences, with tiny data and step
+    counts (about a minute on CPU)."""
     copy = tmp_path / "project"
     for d in ("scripts", "code", "configs"):
         shutil.copytree(ROOT / d, copy / d, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     env = {k: v for k, v in os.environ.items() if k not in _SCRIPT_VARS}
-    env.update(PYTHON=sys.executable, BUILD_ARGS="--train-size 96 --dev-size 8 --test-size 8",
-               TEACHER_ARGS="--max-steps 3", STUDENT_ARGS="--max-steps 2", TEACHER_EPOCH="1",
-               STUDENT_EPOCH="1", BATCH_SIZE="8", DEV_NUM="4", EVAL_NUM="4", MAX_LENGTH="160",
-               EVAL_ARGS="--no-lm-loss")
+    env.update(PYTHON=sys.executable, SEEDS="1 2", EVAL_SEEDS="10", EVAL_NUM="4", BATCH_SIZE="8",
+               BUILD_ARGS="--teacher-train-size 96 --train-size 48 --dev-size 8 --test-size 8",
+               TEACHER_ARGS="--max-steps 3", STUDENT_ARGS="--max-steps 2",
+               ARGS="--teacher-epoch 1 --max-epochs 1 --max-new-tokens 8")
     proc = subprocess.run(["bash", str(copy / "scripts/tiny/run.sh")], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = copy / "outputs" / "tiny"
-    table = (out / "results.md").read_text()
-    for row in ("teacher (teacher, SFT)", "student SFT", "student mcw_kd"):
-        assert row in table and row in proc.stdout
-    csv_rows = (out / "results.csv").read_text().strip().splitlines()
-    assert len(csv_rows) == 4
-    for stage in ("teacher/sft/run", "student/sft/run", "student/mcw_kd/run"):
-        run = out / stage
-        args = json.loads((run / "args.json").read_text())
-        assert args["data"]["data_dir"].startswith(str(copy / "data" / "tiny"))
-        ckpts = [p for p in run.iterdir() if p.name.startswith("epoch")]
-        assert ckpts and (ckpts[0] / "eval" / "results.json").is_file()
-    kd_args = json.loads((out / "student/mcw_kd/run/args.json").read_text())
+    assert "| mcw_kd | 0 | 2 |" in proc.stdout and "Δ vs SFT" in proc.stdout
+    assert (out / "run" / "table.md").read_text().strip() in proc.stdout
+    with open(out / "run" / "scores.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted((r["method"], r["seed"]) for r in rows) == [
+        ("mcw_kd", "1"), ("mcw_kd", "2"), ("sft", "1"), ("sft", "2"), ("teacher", "")]
+    for r in rows:
+        args = json.loads((Path(r["ckpt"]).parent / "args.json").read_text())
+        want = "teacher" if r["method"] == "teacher" else ""
+        assert args["data"]["data_dir"] == str(copy / "data" / "tiny" / want).rstrip("/")
+        assert (Path(r["ckpt"]) / "eval" / "results.json").is_file()
+    kd_args = json.loads((out / "run/mcw_kd/seed1/args.json").read_text())
     assert kd_args["model"]["teacher_model_path"].startswith(str(out / "teacher/sft/run"))
-    # a second call reuses every stage and only re-prints the table
+    # a second call reuses every stage and evaluation and only re-prints the table
     again = subprocess.run(["bash", str(copy / "scripts/tiny/run.sh")], env=env, capture_output=True,
                            text=True, timeout=300)
-    assert again.returncode == 0 and again.stderr.count("reusing") == 3
+    assert again.returncode == 0 and again.stderr.count("reusing") == 5
 
 
 @pytest.mark.slow

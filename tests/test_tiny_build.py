@@ -9,9 +9,10 @@ import pytest
 
 from mckd.data.examples import read_examples, render_prompt
 from mckd.tiny.build import build
-from mckd.tiny.tasks import FAMILIES, generate_splits
+from mckd.tiny.tasks import FAMILIES, generate_splits, training_record
 
-SMALL = {"train": 300, "dev": 20, "test": 30}
+SPLITS = {"teacher_train": 300, "dev": 20, "test": 30}
+SMALL = {**SPLITS, "train": 120}
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -22,36 +23,53 @@ def _digests(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     base = tmp_path_factory.mktemp("tiny")
-    manifest = build(base / "data", base / "models", sizes=SMALL, student_vocab=400, teacher_vocab=500)
+    manifest = build(base / "data", base / "models", sizes=SMALL, student_vocab=400, teacher_vocab=600)
     return base, manifest
 
 
 def test_generation_is_deterministic_and_seed_dependent():
-    a, b = generate_splits(SMALL, seed=3), generate_splits(SMALL, seed=3)
+    a, b = generate_splits(SPLITS, seed=3), generate_splits(SPLITS, seed=3)
     assert a == b
-    assert generate_splits(SMALL, seed=4)["train"] != a["train"]
+    assert generate_splits(SPLITS, seed=4)["teacher_train"] != a["teacher_train"]
 
 
 def test_splits_are_disjoint_and_cover_every_family():
-    splits = generate_splits(SMALL, seed=0)
+    splits = generate_splits(SPLITS, seed=0)
     prompts = {k: {r["prompt"] for r in v} for k, v in splits.items()}
-    assert not prompts["train"] & prompts["test"]
-    assert not prompts["train"] & prompts["dev"]
+    assert not prompts["teacher_train"] & prompts["test"]
+    assert not prompts["teacher_train"] & prompts["dev"]
     assert not prompts["dev"] & prompts["test"]
-    assert {r["category"] for r in splits["train"]} == set(FAMILIES)
-    for rec in splits["train"]:
+    assert {r["category"] for r in splits["teacher_train"]} == set(FAMILIES)
+    for rec in splits["teacher_train"]:
         assert rec["prompt"] == render_prompt(rec["instruction"], rec["input"])
-        assert rec["output"].strip()
+        assert len(rec["output"]) >= 3 and all(o.strip() for o in rec["output"])
+
+
+def test_answers_have_several_phrasings_drawn_with_unequal_weights():
+    recs = generate_splits({"teacher_train": 2000, "dev": 1, "test": 1}, seed=1)["teacher_train"]
+    for fam in FAMILIES:
+        drawn = {}
+        for r in recs:
+            if r["category"] == fam:
+                # which phrasing was drawn: its position among the record's phrasings in their
+                # generation order (the drawn one comes first in ``output``)
+                key = sorted(r["output"]).index(r["output"][0])
+                drawn[key] = drawn.get(key, 0) + 1
+        assert len(drawn) >= 3, (fam, drawn)                       # real entropy
+        assert max(drawn.values()) > 1.3 * min(drawn.values())     # one phrasing more likely
 
 
 def test_answers_are_correct_for_checkable_families():
-    for rec in generate_splits({"train": 200, "dev": 1, "test": 1}, seed=1)["train"]:
+    for rec in generate_splits({"teacher_train": 200, "dev": 1, "test": 1}, seed=1)["teacher_train"]:
         if rec["category"] == "sorting":
             nums = [int(x) for x in rec["input"].split(", ")]
             desc = "largest to smallest" in rec["instruction"]
-            assert [int(x) for x in rec["output"].split(", ")] == sorted(nums, reverse=desc)
+            bare = min(rec["output"], key=len)
+            assert [int(x) for x in bare.split(", ")] == sorted(nums, reverse=desc)
+            assert all(o.endswith(bare) or o.endswith(bare + ".") for o in rec["output"])
         elif rec["category"] == "reversal":
-            assert rec["output"].split() == rec["input"].split()[::-1]
+            assert min(rec["output"], key=len).split() == rec["input"].split()[::-1]
+    assert training_record({"output": ["a", "b"]})["output"] == "a"
 
 
 def test_unknown_family_is_reported():
@@ -61,7 +79,7 @@ def test_unknown_family_is_reported():
 
 def test_build_is_deterministic(built, tmp_path):
     base, _ = built
-    build(tmp_path / "data", tmp_path / "models", sizes=SMALL, student_vocab=400, teacher_vocab=500)
+    build(tmp_path / "data", tmp_path / "models", sizes=SMALL, student_vocab=400, teacher_vocab=600)
     assert _digests(base / "data") == _digests(tmp_path / "data")
     assert _digests(base / "models") == _digests(tmp_path / "models")
 
@@ -69,19 +87,30 @@ def test_build_is_deterministic(built, tmp_path):
 def test_build_skips_when_up_to_date(built):
     base, manifest = built
     stamp = (base / "models" / "student" / "config.json").stat().st_mtime_ns
-    again = build(base / "data", base / "models", sizes=SMALL, student_vocab=400, teacher_vocab=500)
+    again = build(base / "data", base / "models", sizes=SMALL, student_vocab=400, teacher_vocab=600)
     assert again == manifest
     assert (base / "models" / "student" / "config.json").stat().st_mtime_ns == stamp
 
 
-def test_data_schema(built):
-    base, _ = built
-    for split, n in (("train", 300), ("dev", 20), ("test", 30), ("valid", 30)):
+def test_data_schema_and_the_student_subset(built):
+    base, manifest = built
+    for split, n in (("train", 120), ("dev", 20), ("test", 30), ("valid", 30),
+                     ("teacher/train", 300), ("teacher/dev", 20)):
         examples = read_examples(base / "data" / f"{split}.jsonl")
         assert len(examples) == n
         assert all(e.prompt.endswith("### Response:\n") for e in examples)
+        # training files hold the drawn phrasing, evaluation files every reference
+        assert all((len(e.outputs) == 1) == split.endswith("train") for e in examples)
     rec = json.loads((base / "data" / "train.jsonl").read_text().splitlines()[0])
     assert set(rec) == {"instruction", "input", "output", "prompt", "category"}
+    assert isinstance(rec["output"], str)
+    test = json.loads((base / "data" / "test.jsonl").read_text().splitlines()[0])
+    assert isinstance(test["output"], list) and len(test["output"]) >= 3
+    teacher = (base / "data" / "teacher" / "train.jsonl").read_text().splitlines()
+    assert (base / "data" / "train.jsonl").read_text().splitlines() == teacher[:120]
+    assert manifest["records"] == {"teacher_train": 300, "train": 120, "dev": 20, "test": 30}
+    with pytest.raises(ValueError, match="subset"):
+        build(base / "x", base / "y", sizes={**SMALL, "train": 301})
 
 
 @pytest.mark.parametrize("which,eos", [("student", "<|endoftext|>"), ("teacher", "</s>")])
@@ -99,6 +128,24 @@ def test_tokenizers_round_trip_with_offsets(built, which, eos):
         spans = enc["offset_mapping"]
         assert all(a <= b for a, b in spans) and spans[-1][1] == len(text)
         assert all(spans[i][1] <= spans[i + 1][0] for i in range(len(spans) - 1))
+
+
+def test_teacher_tokenizer_segments_like_llama(built):
+    from mckd.models.tokenizers import load_tokenizer
+
+    base, _ = built
+    s = load_tokenizer(str(base / "models" / "tokenizers" / "student"))
+    t = load_tokenizer(str(base / "models" / "tokenizers" / "teacher"))
+    text = "Mia has 52 cards now. Sort: 7, 31, 64."
+    pieces = t.convert_ids_to_tokens(t.encode(text, add_special_tokens=False))
+    assert "\u25815" not in pieces and "5" in pieces and "2" in pieces      # digits one by one
+    assert all(len(p.strip("\u2581")) <= 1 or p.strip("\u2581").isalnum() for p in pieces)  # no word+punct
+    assert "\u2581now" in pieces and "." in pieces
+    # the student (GPT-2 style) attaches the space to the number, the teacher does not
+    spieces = s.convert_ids_to_tokens(s.encode(text, add_special_tokens=False))
+    assert any(p.startswith("\u0120") and p[1:].isdigit() for p in spieces)
+    assert "\u2581" in pieces
+    assert len(t) > len(s)
 
 
 def test_tokenizers_segment_differently(built):

@@ -1,7 +1,7 @@
-"""Smoke version of the tiny comparison (scripts/tiny/compare.sh -> python -m mckd.tiny.compare).
-
-Every method trains a few steps with one seed, is evaluated on 3 test prompts, and lands in the
-table, the CSV and the plots; the ranking is not checked (docs/RESULTS.md has the real run).
+"""The tiny comparison (scripts/tiny/compare.py): method table, paired statistics, task graph, and a
+smoke run in which every method trains a few steps with two seeds, is evaluated on 3 test prompts
+and lands in the table, the CSV and the plots (the ranking is not checked; docs/RESULTS.md has the
+real run).
 """
 from __future__ import annotations
 
@@ -14,34 +14,70 @@ from pathlib import Path
 
 import pytest
 
-from mckd.tiny import compare
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts" / "tiny"))
+import compare  # noqa: E402  (scripts/tiny/compare.py)
 
 
-def test_table_mean_std_and_sft_in_both_settings(tmp_path):
-    rows = [{"setting": "both", "method": "sft", "kd_rate": None, "seed": s, "score": v}
-            for s, v in ((1, 20.0), (2, 22.0), (3, 24.0))]
-    rows += [{"setting": "cross", "method": "mcw_kd", "kd_rate": 0.5, "seed": s, "score": v}
-             for s, v in ((1, 25.0), (2, 25.0), (3, 28.0))]
-    md = compare.write_table(rows, tmp_path / "t", {"same": 40.0, "cross": 38.0}, 300)
+def _row(method, setting, seed, rouge, greedy, nll, kd_rate=""):
+    return {"method": method, "setting": setting, "seed": seed, "kd_rate": kd_rate, "rougeL": rouge,
+            "rougeL_greedy": greedy, "test_nll": nll}
+
+
+def test_table_gives_paired_differences_with_intervals(tmp_path):
+    seeds = [10, 20, 30, 40, 50]
+    sft = [20.0, 22.0, 24.0, 21.0, 23.0]
+    kd = [x + d for x, d in zip(sft, [1.0, 2.0, 1.5, 1.0, 2.5])]   # paired gains, small spread
+    noisy = [x + d for x, d in zip(sft, [3.0, -3.0, 2.0, -2.0, 0.5])]
+    rows = [_row("teacher", "same", "", 40.0, 41.0, 1.2)]
+    rows += [_row("sft", "both", s, v, v - 1, 2.0 - v / 100) for s, v in zip(seeds, sft)]
+    rows += [_row("vanilla_kd", "same", s, v, v - 1, 2.0 - v / 100, 0.5) for s, v in zip(seeds, kd)]
+    rows += [_row("uld", "cross", s, v, v - 1, 2.0 - v / 100, 0.5) for s, v in zip(seeds, noisy)]
+    md = compare.write_table(rows, tmp_path / "t", n_eval=300, n_sampling=3)
     with open(tmp_path / "t.csv") as fh:
-        table = list(csv.DictReader(fh))
-    sft = [r for r in table if r["method"] == "sft"]
-    assert {r["setting"] for r in sft} == {"same", "cross"}
-    assert float(sft[0]["rougeL_mean"]) == pytest.approx(22.0)
-    assert float(sft[0]["rougeL_std"]) == pytest.approx(2.0)       # sample std of 20, 22, 24
-    mcw = next(r for r in table if r["method"] == "mcw_kd")
-    assert mcw["setting"] == "cross" and float(mcw["delta_vs_sft"]) == pytest.approx(4.0)
-    assert "| cross | mcw_kd | 0.5 | 3 | 26.00 ± 1.73 | +4.00 |" in md
+        table = {(r["setting"], r["method"]): r for r in csv.DictReader(fh)}
+    assert {k for k in table if k[1] == "sft"} == {("same", "sft"), ("cross", "sft")}
+    vk, ul = table[("same", "vanilla_kd")], table[("cross", "uld")]
+    assert float(vk["rougeL_diff"]) == pytest.approx(1.6)
+    # t interval of the paired differences (t_{0.975,4} = 2.776, sd 0.652)
+    assert float(vk["rougeL_lo"]) == pytest.approx(1.6 - 2.776 * 0.6519 / 5 ** 0.5, abs=2e-3)
+    assert float(vk["rougeL_lo"]) > 0                      # the gain is seen
+    assert float(ul["rougeL_lo"]) < 0 < float(ul["rougeL_hi"])   # within noise
+    assert float(vk["test_nll_diff"]) == pytest.approx(-0.016)
+    assert "| vanilla_kd | 0.5 | 5 |" in md and "+1.60 [" in md and "]*" in md
+    assert "Smallest effect this design detects" in md
 
 
-def test_every_method_has_a_criterion_setting_and_rate():
-    ms = compare.methods()
-    assert [m.label for m in ms] == compare.ORDER
-    assert {m.setting for m in ms if m.label != "sft"} == {"same", "cross"}
-    assert all(m.kd_rate is not None and m.kd_temp for m in ms if m.label != "sft")
-    assert compare.methods({"mcw_kd": 0.25})[-1].kd_rate == 0.25
+def test_paired_difference_matches_a_hand_computed_interval():
+    from mckd.evaluation.stats import detectable_effect, paired_difference
+
+    d = paired_difference([3.0, 5.0, 4.0], [1.0, 2.0, 2.0])   # differences 2, 3, 2
+    assert d.mean == pytest.approx(7 / 3) and d.sd == pytest.approx(0.57735, abs=1e-5)
+    half = 4.302653 * 0.57735 / 3 ** 0.5                      # t_{0.975, 2}
+    assert (d.lo, d.hi) == (pytest.approx(7 / 3 - half, abs=1e-4), pytest.approx(7 / 3 + half, abs=1e-4))
+    assert d.excludes_zero
+    # more seeds or less spread detect smaller effects
+    assert detectable_effect(1.0, 10) < detectable_effect(1.0, 5) < detectable_effect(2.0, 5)
+    with pytest.raises(ValueError, match="equally long"):
+        paired_difference([1.0], [1.0, 2.0])
+
+
+def test_methods_table_is_read_and_every_method_has_a_grid():
+    table = compare.read_methods()
+    assert list(table)[0] == "sft" and table["sft"].kd_rate is None
+    assert {m.setting for m in table.values() if m.label != "sft"} == {"same", "cross"}
+    assert set(compare.GRID) == set(table)
+    counts = {label: len(compare.grid_points(label, table[label])) for label in table}
+    assert len(set(counts.values())) == 1, counts            # equal tuning budget
+    ctl = compare.control(table["uld"])
+    assert ctl.label == "uld@same" and ctl.setting == "same" and ctl.criterion == table["uld"].criterion
+
+
+def test_methods_table_errors_name_the_line(tmp_path):
+    bad = tmp_path / "m.tsv"
+    bad.write_text("# header\nsft cross_entropy - - -\n")
+    with pytest.raises(ValueError, match=r"m.tsv:2: expected 6 columns"):
+        compare.read_methods(bad)
 
 
 def test_run_tasks_respects_dependencies_the_job_limit_and_weights():
@@ -96,35 +132,37 @@ def test_run_tasks_raises_the_first_failure_and_unknown_dependencies():
 @pytest.mark.slow
 def test_compare_smoke_every_method_trains_and_evaluates(tmp_path):
     out = tmp_path / "compare"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "code"), "BATCH_SIZE": "4", "LOG_INTERVAL": "1",
-           "EVAL_GEN": "0"}  # no dev generation: checkpoints ranked by dev loss
-    cmd = [sys.executable, "-m", "mckd.tiny.compare", "compare", "--out", str(out),
-           "--teacher-out", str(tmp_path / "teachers"), "--jobs", "2", "--seeds", "1",
-           "--eval-seeds", "10", "--eval-num", "3", "--max-new-tokens", "8",
-           "--teacher-epoch", "1", "--student-epoch", "1",
-           "--teacher-args", "--max-steps 2 --dev-num 2 --max-new-tokens 4",
-           "--train-args", "--max-steps 2 --dev-num 2 --max-new-tokens 4", "--log-level", "WARNING"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "code"), "BATCH_SIZE": "4", "LOG_INTERVAL": "1"}
+    cmd = [sys.executable, str(ROOT / "scripts/tiny/compare.py"), "compare", "--out", str(out),
+           "--teacher-out", str(tmp_path / "teachers"), "--jobs", "2", "--seeds", "1", "2",
+           "--eval-seeds", "10", "20", "--eval-num", "3", "--max-new-tokens", "8",
+           "--teacher-epoch", "1", "--max-epochs", "1", "--controls",
+           "--teacher-args", "--max-steps 2 --dev-num 2", "--train-args", "--max-steps 2 --dev-num 2",
+           "--log-level", "WARNING"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    with open(out / "table.csv") as fh:
-        table = list(csv.DictReader(fh))
-    got = {(r["setting"], r["method"]) for r in table}
-    want = {("same", "teacher"), ("cross", "teacher"), ("same", "sft"), ("cross", "sft")}
-    want |= {(setting, label) for label, (_, setting, _) in compare.CRITERIA.items()}
-    assert got == want
+    table = compare.read_methods()
     with open(out / "scores.csv") as fh:
         scores = list(csv.DictReader(fh))
-    assert sorted(r["method"] for r in scores) == sorted(compare.ORDER)
-    for r in scores:
-        assert 0.0 <= float(r["score"]) <= 100.0
+    students = [r for r in scores if r["method"] != "teacher"]
+    want = set(table) | {f"{m}@same" for m, x in table.items() if x.setting == "cross"}
+    assert {r["method"] for r in students} == want and len(students) == 2 * len(want)
+    assert {r["setting"] for r in scores if r["method"] == "teacher"} == {"same", "cross"}
+    for r in students:
+        assert 0.0 <= float(r["rougeL"]) <= 100.0 and 0.0 <= float(r["rougeL_greedy"]) <= 100.0
+        assert len(r["rougeL_per_seed"].split()) == 2 and float(r["test_nll"]) > 0
         args = json.loads((Path(r["ckpt"]).parent / "args.json").read_text())
-        assert args["train"]["seed"] == 1
+        assert args["train"]["seed"] == int(r["seed"])
+        assert args["train"]["early_stop_patience"] == 2
         if r["method"] != "sft":
             assert args["criterion_args"]["kd_rate"] == pytest.approx(float(r["kd_rate"]))
-    for png in ("loss_curves.png", "scores.png"):
+            teacher = args["model"]["teacher_model_path"]
+            assert ("teacher_same_vocab" in teacher) == r["method"].endswith("@same") or \
+                table[r["method"].split("@")[0]].setting == "same"
+    with open(out / "table.csv") as fh:
+        rows = {(r["setting"], r["method"]) for r in csv.DictReader(fh)}
+    assert ("cross", "mcw_kd") in rows and ("same", "mcw_kd@same") in rows and ("same", "sft") in rows
+    for png in ("loss_curves.png", "differences.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     timing = json.loads((out / "timing.json").read_text())
-    assert timing["total_s"] >= timing["longest_teacher_s"] >= 0
-    assert {f"{m} seed 1" for m in compare.ORDER} <= set(timing["stages_s"])
-    summed = sum(timing["stages_s"].values())     # of rounded values
-    assert abs(timing["training_s_summed_over_stages"] - summed) <= len(timing["stages_s"]) and summed > 0
+    assert timing["total_s"] >= 0 and "mcw_kd seed 1" in timing["stages_s"]

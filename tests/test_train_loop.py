@@ -126,3 +126,66 @@ def test_entry_point_vanilla_kd_with_real_criterion(tiny_models, data, tmp_path)
     res = subprocess.run([sys.executable, str(root / "code" / "distillation.py"), *argv[:-2],
                           "--kd-temprature", "2"], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 2 and "did you mean '--kd-temperature'" in res.stderr
+
+
+def test_early_stop_after_patience_dev_evaluations_without_improvement(tiny_models, data, tmp_path,
+                                                                         monkeypatch):
+    from mckd.train.loop import Trainer
+
+    scripted = iter([3.0, 2.0, 2.5, 2.2, 1.0, 0.5])  # evaluations 3 and 4 do not improve on 2.0
+
+    def fake_eval(self):
+        loss = next(scripted)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps({"step": self.state["global_step"], "split": "dev", "loss": loss}) + "\n")
+        return {"loss": loss, "accuracy": 0.0}
+
+    monkeypatch.setattr(Trainer, "evaluate", fake_eval)
+    out = tmp_path / "early"
+    res = run(parse_config(sup.train_argv(tiny_models("gpt2"), data, out, "--total-iters", "8",
+                                          "--interval-unit", "step", "--eval-interval", "1",
+                                          "--save-interval", "1", "--keep-best-n-checkpoints", "1",
+                                          "--early-stop-patience", "2")))
+    assert res["global_step"] == 4
+    assert "early stop: the dev loss has not improved for 2 evaluations (best 2.0000)" in \
+        (out / "train.log").read_text()
+    # the checkpoint with the best dev loss is kept (and the last one, for resuming)
+    kept = sorted(p.name for p in out.iterdir() if p.name.startswith("epoch"))
+    assert "epoch0_step2" in kept
+    with pytest.raises(ConfigError, match="--early-stop-patience"):
+        parse_config(sup.train_argv(tiny_models("gpt2"), data, tmp_path / "x", "--eval-interval", "0",
+                                    "--early-stop-patience", "2"))
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_student_and_criterion_gradients_are_clipped_jointly_or_apart(separate):
+    import math
+
+    from mckd.train.engine import TorchEngine
+
+    module = torch.nn.Module()
+    module.student, module.criterion = torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    eng = TorchEngine(module, opt, sched, device=torch.device("cpu"), precision="fp32", clip_grad=1.0,
+                      clip_grad_criterion=0.5 if separate else None)
+    for p in module.student.parameters():
+        p.grad = torch.full_like(p, 0.3)          # 8 entries: norm 0.3 * sqrt(8) = 0.849
+    for p in module.criterion.parameters():
+        p.grad = torch.full_like(p, 2.0)          # 6 entries: norm 2 * sqrt(6) = 4.899
+    n_s, n_c = 0.3 * math.sqrt(8), 2.0 * math.sqrt(6)
+
+    def norm(m):
+        return math.sqrt(sum(float(p.grad.pow(2).sum()) for p in m.parameters()))
+
+    total = eng._clip()
+    assert total == pytest.approx(math.hypot(n_s, n_c), rel=1e-6)
+    assert eng.last_norms == {"grad_norm_student": pytest.approx(n_s, rel=1e-6),
+                              "grad_norm_criterion": pytest.approx(n_c, rel=1e-6)}
+    if separate:   # the student's step is untouched by the large projector gradient
+        assert norm(module.student) == pytest.approx(n_s, rel=1e-5)
+        assert norm(module.criterion) == pytest.approx(0.5, rel=1e-5)
+    else:          # one factor for both: the student's gradient shrinks with the projector's
+        f = 1.0 / math.hypot(n_s, n_c)
+        assert norm(module.student) == pytest.approx(n_s * f, rel=1e-5)
+        assert norm(module.criterion) == pytest.approx(n_c * f, rel=1e-5)

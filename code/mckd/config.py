@@ -112,7 +112,13 @@ class TrainingConfig:
     lr: float | None = opt(None, "student learning rate (AdamW)", type=float)
     lr_min: float = opt(1e-7, "final learning rate of the cosine/linear decay")
     weight_decay: float = opt(1e-2, "AdamW weight decay (never applied to biases and norm layers)")
-    clip_grad: float = opt(1.0, "global gradient-norm clipping (<= 0: off)")
+    clip_grad: float = opt(1.0, "gradient-norm clipping (<= 0: off): one global norm over the "
+                                "student and the criterion's trainable parts, or the student's "
+                                "alone with --clip-grad-criterion")
+    clip_grad_criterion: float | None = opt(None, "clip the criterion's trainable parts "
+                                                  "(projectors) by their own gradient norm at this "
+                                                  "value (<= 0: no clipping), apart from the "
+                                                  "student's; plain torch engine only", type=float)
     warmup_iters: int = opt(0, "linear warmup in optimizer steps (honoured by every decay style)")
     lr_decay_style: str = opt("cosine", "learning-rate schedule after warmup",
                               choices=LR_DECAY_STYLES)
@@ -131,6 +137,9 @@ class TrainingConfig:
                                            "student", action="store_true")
     nan_patience: int = opt(3, "abort after this many consecutive non-finite losses (each is "
                                "skipped with a warning)")
+    early_stop_patience: int = opt(0, "stop when the teacher-forced dev loss has not improved for "
+                                      "N consecutive dev evaluations (0: off); the checkpoints "
+                                      "kept are ranked by dev loss")
 
 
 @dataclass
@@ -392,6 +401,11 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     _need(d.max_prompt_length < d.max_length, "--max-prompt-length",
           f"({d.max_prompt_length}) must be smaller than --max-length ({d.max_length})")
     _need(t.warmup_iters >= 0, "--warmup-iters", "must be >= 0")
+    _need(t.early_stop_patience >= 0, "--early-stop-patience", "must be >= 0")
+    _need(not (t.early_stop_patience > 0 and t.eval_interval <= 0), "--early-stop-patience",
+          "needs dev evaluations (--eval-interval > 0)")
+    _need(not (t.clip_grad_criterion is not None and dist.deepspeed), "--clip-grad-criterion",
+          "is not available under DeepSpeed (it clips one global norm, --clip-grad)")
     _need(t.weight_decay >= 0, "--weight-decay", "must be >= 0")
     _need(0 <= t.lr_min, "--lr-min", "must be >= 0")
     _need(d.num_workers >= 0, "--num-workers", "must be >= 0")

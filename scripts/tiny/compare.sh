@@ -1,35 +1,37 @@
 #!/usr/bin/env bash
 # The paper's comparison in miniature on the embedded default (docs/RESULTS.md has the results).
-#   bash scripts/tiny/compare.sh                          # both settings, every method, seeds 10 20 30
-#   SEEDS="10 20 30 40 50" JOBS=2 bash scripts/tiny/compare.sh
-#   METHODS="sft mcw_kd" ARGS="--rate mcw_kd=0.5" bash scripts/tiny/compare.sh
-# Trains (or reuses) both SFT teachers in outputs/tiny/<teacher>/sft/run (shared with run.sh), then
-# one student per method and training seed in ${OUT}/<method>/seed<k> (same vocabulary: SFT,
-# vanilla KD, DSKD; cross vocabulary: SFT, DSKD-CMA, MinED, ULD, Multi-Level OT, MCW-KD), JOBS
-# stages at a time; evaluates every checkpoint on the test split (data/tiny/valid.jsonl, 300
-# prompts) with the published sampling protocol and writes ${OUT}/table.{md,csv} (mean ± std over
-# training seeds), scores.csv, loss_curves.png, scores.png and timing.json.
-# The kd_rate of every method is the one tuned on the dev split by scripts/tiny/tune.sh
-# (TUNED in code/mckd/tiny/compare.py; the grid and its dev scores are in docs/RESULTS.md).
-# Environment: SEEDS (training seeds), EVAL_SEEDS (sampling seeds per checkpoint, default "10"),
-# JOBS (default 2), METHODS, OUT (default outputs/tiny/compare), STUDENT_EPOCH (1),
-# TEACHER_EPOCH (4), ARGS (extra `python -m mckd.tiny.compare compare` flags).
+#   bash scripts/tiny/compare.sh                          # main table: both settings, every method
+#   CONTROLS=1 bash scripts/tiny/compare.sh               # + cross-vocabulary methods, same teacher
+#   METHODS="sft mcw_kd" SEEDS="10 20 30" bash scripts/tiny/compare.sh
+# Trains (or reuses) the SFT teachers in outputs/tiny/<teacher>/sft/run (shared with run.sh), then
+# one student per method and training seed in ${OUT}/<method>/seed<k>, each until its dev loss
+# stops improving, with the options of scripts/tiny/methods.tsv; evaluates each best-on-dev
+# checkpoint on the 300 test prompts (published sampling protocol x EVAL_SEEDS, test NLL, greedy)
+# and writes ${OUT}/table.{md,csv} (paired differences to SFT with 95% intervals), scores.csv
+# (every run), loss_curves.png, differences.png and timing.json. Finished stages are reused,
+# unfinished ones resumed.
+# Environment: SEEDS (training seeds, default "10 20 30 40 50"), EVAL_SEEDS ("10 20 30"), JOBS (2),
+# METHODS (default: every row of methods.tsv), CONTROLS (1: add the controls; only: SFT and the
+# controls alone), OUT (outputs/tiny/compare), ARGS (extra scripts/tiny/compare.py flags).
 set -euo pipefail
 BASE_PATH=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 : "${PYTHON:=python}"
-: "${SEEDS:=10 20 30}"
-: "${EVAL_SEEDS:=10}"
+: "${SEEDS:=10 20 30 40 50}"
+: "${EVAL_SEEDS:=10 20 30}"
 : "${JOBS:=2}"
-: "${METHODS:=sft vanilla_kd dskd dskd_cma mined uld multi_level_ot mcw_kd}"
+: "${METHODS:=}"
+: "${CONTROLS:=0}"
 : "${OUT:=${BASE_PATH}/outputs/tiny/compare}"
-: "${STUDENT_EPOCH:=1}"
-: "${TEACHER_EPOCH:=4}"
 : "${ARGS:=}"
 export PYTHONPATH="${BASE_PATH}/code${PYTHONPATH:+:${PYTHONPATH}}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+opts=(--out "${OUT}" --teacher-out "${BASE_PATH}/outputs/tiny" --jobs "${JOBS}")
+# shellcheck disable=SC2206  # lists
+opts+=(--seeds ${SEEDS} --eval-seeds ${EVAL_SEEDS})
+# shellcheck disable=SC2206
+[[ -n "${METHODS}" ]] && opts+=(--methods ${METHODS})
+case "${CONTROLS}" in 1) opts+=(--controls) ;; only) opts+=(--controls-only) ;; esac
 SECONDS=0
-# shellcheck disable=SC2086  # lists
-"${PYTHON}" -m mckd.tiny.compare compare --out "${OUT}" --teacher-out "${BASE_PATH}/outputs/tiny" \
-  --jobs "${JOBS}" --seeds ${SEEDS} --eval-seeds ${EVAL_SEEDS} --methods ${METHODS} \
-  --student-epoch "${STUDENT_EPOCH}" --teacher-epoch "${TEACHER_EPOCH}" ${ARGS}
+# shellcheck disable=SC2086
+"${PYTHON}" "${BASE_PATH}/scripts/tiny/compare.py" compare "${opts[@]}" ${ARGS}
 echo "[compare] done in ${SECONDS}s; table: ${OUT}/table.md" >&2

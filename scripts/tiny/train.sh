@@ -5,7 +5,8 @@
 #   MODEL=teacher CRITERION=cross_entropy bash scripts/tiny/train.sh     # SFT of the teacher
 #   CRITERION=mcw_kd TEACHER_MODEL_PATH=<ckpt> bash scripts/tiny/train.sh  # distil the student
 # MODEL: student | teacher | teacher_same_vocab (directory under model_hub/tiny).
-# The teacher of a KD criterion must be given (TEACHER_MODEL_PATH, TEACHER_MODEL_NAME); the
+# The teacher of a KD criterion must be given (TEACHER_MODEL_PATH, TEACHER_MODEL_NAME); KD_RATE,
+# KD_TEMP and METHOD_FLAGS default to the CRITERION's row of scripts/tiny/methods.tsv; the
 # projector config and the MinED vocabulary map are set from CRITERION. Everything can be
 # overridden from the environment; launch options: scripts/lib/common.sh.
 : "${GPUS=}"                       # CPU unless GPUS is set
@@ -34,11 +35,14 @@ if [[ "${CRITERION}" != cross_entropy ]]; then
   [[ -n "${TEACHER_MODEL_PATH:-}" ]] || mckd_die "CRITERION=${CRITERION} needs TEACHER_MODEL_PATH"
   : "${TEACHER_MODEL_NAME:=$(basename "$(dirname "$(dirname "$(dirname "${TEACHER_MODEL_PATH}")")")")}"
   : "${TEACHER_MODEL_TYPE:=$([[ "${TEACHER_MODEL_NAME}" == teacher ]] && echo llama || echo gpt2)}"
-  case "${CRITERION}" in
-    mcw_kd) : "${KD_RATE:=5.0}"; : "${KD_TEMP:=3.0}" ;;     # MCW GPT-2 values
-    multi_level_ot) : "${KD_RATE:=1.0}"; : "${KD_TEMP:=3.0}" ;;
-    *) : "${KD_RATE:=0.5}"; : "${KD_TEMP:=2.0}" ;;          # DSKD values
-  esac
+  # KD defaults: the dev-chosen row of scripts/tiny/methods.tsv whose criterion is CRITERION
+  row=$(awk -v c="${CRITERION}" '!/^#/ && $2 == c {print $4, $5, $6; exit}' \
+    "${BASE_PATH}/scripts/tiny/methods.tsv")
+  read -r row_rate row_temp row_flags <<< "${row:-0.5 2.0 -}"
+  : "${KD_RATE:=${row_rate}}"
+  : "${KD_TEMP:=${row_temp}}"
+  : "${METHOD_FLAGS=$([[ "${row_flags}" == - ]] || echo "${row_flags//,/ }")}"
+  EXTRA_ARGS="${METHOD_FLAGS:+${METHOD_FLAGS} }${EXTRA_ARGS:-}"
   case "${CRITERION}" in
     dual_space_kd|dual_space_kd_with_cma|mcw_kd)
       : "${PROJECTOR_CONFIG_PATH:=${BASE_PATH}/configs/projector_config.json}"

@@ -3,8 +3,8 @@
 * :func:`plot_loss_curves`: student CE (``nll_loss``, comparable across criteria) and the total
   training loss against the optimizer step, mean over seeds per method, from each run's
   ``metrics.jsonl`` (written by the training loop every ``--log-interval`` steps).
-* :func:`plot_scores`: ROUGE-L per method with the std over seeds as error bars, one panel per
-  setting, the teacher as a dashed line, from ``table.csv`` of ``mckd.tiny.compare``.
+* :func:`plot_differences`: each method's paired difference to SFT with its 95% interval, per
+  setting and score, from ``table.csv`` of ``scripts/tiny/compare.py``.
 """
 from __future__ import annotations
 
@@ -64,27 +64,26 @@ def plot_loss_curves(runs: list[tuple[str, Path]], png: Path) -> None:
     logger.info("wrote %s", png)
 
 
-def plot_scores(table_csv: Path, png: Path) -> None:
-    """Bar chart of ``table.csv``: ROUGE-L mean with std error bars, per setting."""
+def plot_differences(table_csv: Path, png: Path) -> None:
+    """Paired differences to SFT with their 95% intervals (``table.csv`` of
+    ``scripts/tiny/compare.py``): one panel per setting and score."""
     plt = _pyplot()
     with open(table_csv) as fh:
-        rows = list(csv.DictReader(fh))
+        rows = [r for r in csv.DictReader(fh) if r.get("rougeL_diff")]
     settings = [s for s in ("same", "cross") if any(r["setting"] == s for r in rows)]
-    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False)
-    for ax, s in zip(axes[0], settings):
-        rs = [r for r in rows if r["setting"] == s and r["method"] != "teacher"]
-        xs = range(len(rs))
-        ax.bar(xs, [float(r["rougeL_mean"]) for r in rs], yerr=[float(r["rougeL_std"]) for r in rs],
-               capsize=4, color=["grey" if r["method"] == "sft" else "tab:blue" for r in rs])
-        ax.set_xticks(list(xs), [r["method"] for r in rs], rotation=30, ha="right")
-        for r in rows:
-            if r["setting"] == s and r["method"] == "teacher":
-                ax.axhline(float(r["rougeL_mean"]), ls="--", color="tab:red", label="teacher")
-                ax.legend()
-        lo = min(float(r["rougeL_mean"]) - float(r["rougeL_std"] or 0) for r in rs)
-        ax.set_ylim(max(0.0, lo - 3), None)
-        ax.set_ylabel("ROUGE-L (test)")
-        ax.set_title(f"{s} vocabulary")
+    keys = (("rougeL", "sampled ROUGE-L"), ("rougeL_greedy", "greedy ROUGE-L"), ("test_nll", "test NLL"))
+    fig, axes = plt.subplots(len(settings), len(keys), figsize=(15, 4 * len(settings)), squeeze=False)
+    for i, s in enumerate(settings):
+        rs = [r for r in rows if r["setting"] == s]
+        for ax, (key, name) in zip(axes[i], keys):
+            mids = [float(r[f"{key}_diff"]) for r in rs]
+            err = [[m - float(r[f"{key}_lo"]) for m, r in zip(mids, rs)],
+                   [float(r[f"{key}_hi"]) - m for m, r in zip(mids, rs)]]
+            ax.errorbar(range(len(rs)), mids, yerr=err, fmt="o", capsize=4)
+            ax.axhline(0.0, color="grey", lw=1)
+            ax.set_xticks(range(len(rs)), [r["method"] for r in rs], rotation=30, ha="right")
+            ax.set_title(f"{s} vocabulary: {name} minus SFT")
+            ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)

@@ -1,14 +1,17 @@
-"""The generated instruction dataset of the embedded default (DESIGN section 6).
+"""The generated instruction dataset of the embedded default.
 
-Every record follows the published jsonl schema (spec 3.1): ``instruction``, ``input`` (may be
-empty), ``output`` (the reference answer), ``prompt`` (rendered with
-:func:`mckd.data.examples.render_prompt`) and ``category`` (the task family).
+Every record follows the published jsonl schema: ``instruction``, ``input`` (may be empty),
+``output``, ``prompt`` (rendered with :func:`mckd.data.examples.render_prompt`) and ``category``
+(the task family). ``output`` is the list of every valid phrasing of the answer with the drawn one
+first (evaluation scores ROUGE-L against the best-matching reference); training files keep the
+drawn phrasing only (:func:`training_record`).
 
-The families are small algorithmic or in-context tasks whose answers are fully determined by the
+The families are small algorithmic or in-context tasks whose content is fully determined by the
 prompt, so a model can learn them from a few thousand examples, but they need different amounts of
 "computation" (copying, sorting, carrying digits, two-hop lookup). A larger model learns them
 clearly better than a smaller one in minutes of CPU training, which is what distillation needs.
-Answers are short sentences rather than bare tokens, so ROUGE-L gives graded credit.
+Each answer has 3-4 phrasings drawn with unequal weights, so the targets have real entropy and a
+teacher's full distribution says more than one label.
 
 Generation is deterministic: one :class:`random.Random` seeded per split, no global state.
 """
@@ -37,11 +40,22 @@ CONVERSIONS = (("kilometers", "meters", 1000), ("meters", "centimeters", 100),
                ("weeks", "days", 7), ("kilograms", "grams", 1000), ("dozens", "items", 12),
                ("years", "months", 12), ("liters", "milliliters", 1000))
 
-Record = dict[str, str]
+Record = dict  # instruction, input, output (str, or list of references), prompt, category
+Variants = list[tuple[str, float]]  # (answer phrasing, probability weight)
 
 
-def _record(category: str, instruction: str, input_text: str, output: str) -> Record:
-    return {"instruction": instruction, "input": input_text, "output": output,
+def _record(rng: random.Random, category: str, instruction: str, input_text: str,
+            variants: Variants) -> Record:
+    """One record whose ``output`` lists every valid phrasing, the drawn one first.
+
+    The answer is drawn from ``variants`` with their weights, so the training targets have real
+    entropy (several phrasings of the same content, one more likely than the others); the drawn
+    phrasing is the training label, every phrasing is a reference for ROUGE-L.
+    """
+    texts = [t for t, _ in variants]
+    drawn = rng.choices(range(len(texts)), weights=[w for _, w in variants])[0]
+    refs = [texts[drawn], *(t for i, t in enumerate(texts) if i != drawn)]
+    return {"instruction": instruction, "input": input_text, "output": refs,
             "prompt": render_prompt(instruction, input_text), "category": category}
 
 
@@ -56,8 +70,9 @@ def arithmetic(rng: random.Random) -> Record:
         b = min(b, a - 1)
         total = a - b + c
         text = f"{name} has {a} {item}. {name} loses {b} and then finds {c} more."
-    return _record("arithmetic", f"{text} How many {item} does {name} have now?", "",
-                   f"{name} has {total} {item} now.")
+    return _record(rng, "arithmetic", f"{text} How many {item} does {name} have now?", "", [
+        (f"{name} has {total} {item} now.", 0.4), (f"Now {name} has {total} {item}.", 0.25),
+        (f"{name} ends up with {total} {item}.", 0.2), (f"The answer is {total} {item}.", 0.15)])
 
 
 def sort_numbers(rng: random.Random) -> Record:
@@ -65,15 +80,18 @@ def sort_numbers(rng: random.Random) -> Record:
     nums = rng.sample(range(1, 100), rng.randint(3, 6))
     desc = rng.random() < 0.3
     order = "largest to smallest" if desc else "smallest to largest"
-    return _record("sorting", f"Sort the following numbers from {order}.",
-                   ", ".join(map(str, nums)), ", ".join(map(str, sorted(nums, reverse=desc))))
+    out = ", ".join(map(str, sorted(nums, reverse=desc)))
+    return _record(rng, "sorting", f"Sort the following numbers from {order}.", ", ".join(map(str, nums)),
+                   [(out, 0.5), (f"The sorted numbers are {out}.", 0.3),
+                    (f"From {order}: {out}", 0.2)])
 
 
 def reverse_words(rng: random.Random) -> Record:
     """Reverse the order of 3-6 words."""
     words = rng.sample(WORDS, rng.randint(3, 6))
-    return _record("reversal", "Reverse the order of the words in the list.", " ".join(words),
-                   " ".join(reversed(words)))
+    out = " ".join(reversed(words))
+    return _record(rng, "reversal", "Reverse the order of the words in the list.", " ".join(words),
+                   [(out, 0.5), (f"The reversed list is: {out}", 0.3), (f"Reversed: {out}", 0.2)])
 
 
 def pseudo_word(rng: random.Random) -> str:
@@ -87,19 +105,24 @@ def string_transform(rng: random.Random) -> Record:
     word = pseudo_word(rng)
     kind = rng.randrange(3)
     if kind == 0:
-        return _record("string", "Write the word in capital letters.", word, word.upper())
-    if kind == 1:
-        return _record("string", "Spell the word with a dash between the letters.", word,
-                       "-".join(word))
-    return _record("string", "Write the letters of the word in reverse order.", word, word[::-1])
+        instruction, out, what = "Write the word in capital letters.", word.upper(), "In capital letters"
+    elif kind == 1:
+        instruction, out, what = ("Spell the word with a dash between the letters.", "-".join(word),
+                                  "Spelled out")
+    else:
+        instruction, out, what = "Write the letters of the word in reverse order.", word[::-1], "Reversed"
+    return _record(rng, "string", instruction, word,
+                   [(out, 0.5), (f"{what}, {word} is {out}.", 0.3), (f"The result is {out}.", 0.2)])
 
 
 def unit_conversion(rng: random.Random) -> Record:
     """'Convert 7 kilometers to meters.' -> '7 kilometers is 7000 meters.'"""
     src, dst, factor = rng.choice(CONVERSIONS)
     n = rng.randint(2, 99)
-    return _record("conversion", f"Convert {n} {src} to {dst}.", "",
-                   f"{n} {src} is {n * factor} {dst}.")
+    m = n * factor
+    return _record(rng, "conversion", f"Convert {n} {src} to {dst}.", "", [
+        (f"{n} {src} is {m} {dst}.", 0.4), (f"{n} {src} equals {m} {dst}.", 0.3),
+        (f"That is {m} {dst}.", 0.2), (f"The answer is {m} {dst}.", 0.1)])
 
 
 def lookup(rng: random.Random) -> Record:
@@ -109,49 +132,65 @@ def lookup(rng: random.Random) -> Record:
         colors = rng.sample(COLORS, 4)
         table = "\n".join(f"{p}: {c}" for p, c in zip(people, colors))
         i = rng.randrange(4)
-        return _record("lookup", f"Using the list, what is the favorite color of {people[i]}?",
-                       table, f"The favorite color of {people[i]} is {colors[i]}.")
+        p, c = people[i], colors[i]
+        return _record(rng, "lookup", f"Using the list, what is the favorite color of {p}?", table, [
+            (f"The favorite color of {p} is {c}.", 0.4), (f"{p} likes {c} best.", 0.3),
+            (f"It is {c}.", 0.2), (f"{c}", 0.1)])
     pets, cities = rng.sample(PETS, 4), rng.sample(CITIES, 4)
     owners = "\n".join(f"{p} owns the {a}." for p, a in zip(people, pets))
     homes = "\n".join(f"{p} lives in {c}." for p, c in zip(rng.sample(people, 4), cities))
     where = {line.split(" lives in ")[0]: line.split(" lives in ")[1][:-1] for line in homes.split("\n")}
     i = rng.randrange(4)
-    return _record("lookup", f"In which city does the owner of the {pets[i]} live?",
-                   f"{owners}\n{homes}",
-                   f"The {pets[i]} belongs to {people[i]}, who lives in {where[people[i]]}.")
+    pet, p, c = pets[i], people[i], where[people[i]]
+    return _record(rng, "lookup", f"In which city does the owner of the {pet} live?",
+                   f"{owners}\n{homes}", [
+                       (f"The {pet} belongs to {p}, who lives in {c}.", 0.4),
+                       (f"{p} owns the {pet} and lives in {c}.", 0.3),
+                       (f"The owner of the {pet} lives in {c}.", 0.2), (f"In {c}.", 0.1)])
 
 
 def counting(rng: random.Random) -> Record:
     """Count words in a list or occurrences of one word."""
     if rng.random() < 0.5:
         words = rng.sample(WORDS, rng.randint(2, 9))
-        return _record("counting", "How many words are in the list?", " ".join(words),
-                       f"There are {len(words)} words in the list.")
+        n = len(words)
+        return _record(rng, "counting", "How many words are in the list?", " ".join(words), [
+            (f"There are {n} words in the list.", 0.4), (f"The list has {n} words.", 0.3),
+            (f"{n} words.", 0.2), (f"{n}", 0.1)])
     target = rng.choice(COLORS)
     others = [c for c in COLORS if c != target]
     k = rng.randint(1, 5)
     words = [target] * k + [rng.choice(others) for _ in range(rng.randint(1, 5))]
     rng.shuffle(words)
-    return _record("counting", f"How many times does the word {target} appear in the list?",
-                   " ".join(words), f"The word {target} appears {k} times.")
+    return _record(rng, "counting", f"How many times does the word {target} appear in the list?",
+                   " ".join(words), [
+                       (f"The word {target} appears {k} times.", 0.4),
+                       (f"{target} appears {k} times in the list.", 0.3),
+                       (f"It appears {k} times.", 0.2), (f"{k} times.", 0.1)])
 
 
 def sequence(rng: random.Random) -> Record:
     """Continue an arithmetic progression by two terms."""
     start, step, n = rng.randint(1, 30), rng.randint(2, 12), rng.randint(3, 5)
     terms = [start + step * i for i in range(n + 2)]
-    return _record("sequence", "Continue the sequence with the next two numbers.",
-                   ", ".join(map(str, terms[:n])), f"{terms[n]}, {terms[n + 1]}")
+    a, b = terms[n], terms[n + 1]
+    return _record(rng, "sequence", "Continue the sequence with the next two numbers.",
+                   ", ".join(map(str, terms[:n])), [
+                       (f"{a}, {b}", 0.5), (f"The next two numbers are {a} and {b}.", 0.3),
+                       (f"{a} and {b}", 0.2)])
 
 
 def comparison(rng: random.Random) -> Record:
     """Pick the larger/smaller of two numbers and say so."""
     a, b = rng.sample(range(1, 1000), 2)
+    hi, lo = max(a, b), min(a, b)
     if rng.random() < 0.5:
-        return _record("comparison", f"Which number is larger, {a} or {b}?", "",
-                       f"{max(a, b)} is larger than {min(a, b)}.")
-    return _record("comparison", f"Which number is smaller, {a} or {b}?", "",
-                   f"{min(a, b)} is smaller than {max(a, b)}.")
+        return _record(rng, "comparison", f"Which number is larger, {a} or {b}?", "", [
+            (f"{hi} is larger than {lo}.", 0.4), (f"The larger number is {hi}.", 0.3),
+            (f"{hi} is larger.", 0.2), (f"{hi}", 0.1)])
+    return _record(rng, "comparison", f"Which number is smaller, {a} or {b}?", "", [
+        (f"{lo} is smaller than {hi}.", 0.4), (f"The smaller number is {lo}.", 0.3),
+        (f"{lo} is smaller.", 0.2), (f"{lo}", 0.1)])
 
 
 FAMILIES: dict[str, Callable[[random.Random], Record]] = {
@@ -160,7 +199,15 @@ FAMILIES: dict[str, Callable[[random.Random], Record]] = {
     "counting": counting, "sequence": sequence, "comparison": comparison,
 }
 
-DEFAULT_SPLITS = {"train": 4000, "dev": 200, "test": 300}
+# The teacher's corpus is the large split; the student trains on its first STUDENT_TRAIN records.
+DEFAULT_SPLITS = {"teacher_train": 8000, "dev": 200, "test": 300}
+STUDENT_TRAIN = 1000
+
+
+def training_record(rec: Record) -> Record:
+    """The record as a training file holds it: ``output`` is the drawn phrasing alone."""
+    out = rec["output"]
+    return {**rec, "output": out[0] if isinstance(out, list) else out}
 
 
 def generate_splits(sizes: dict[str, int] | None = None, *, seed: int = 1234,

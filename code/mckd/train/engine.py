@@ -89,9 +89,10 @@ class TorchEngine:
     kind = "torch"
 
     def __init__(self, module: DistillModule, optimizer, scheduler, *, device: torch.device,
-                 precision: str, clip_grad: float):
+                 precision: str, clip_grad: float, clip_grad_criterion: float | None = None):
         self.raw = module.to(device)
         self.device, self.precision, self.clip_grad = device, precision, clip_grad
+        self.clip_grad_criterion = clip_grad_criterion
         self.optimizer, self.scheduler = optimizer, scheduler
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.world = dist.world_size()
@@ -104,6 +105,9 @@ class TorchEngine:
         else:
             self.module = module
         self.params = [p for p in module.parameters() if p.requires_grad]
+        self.student_params = [p for p in module.student.parameters() if p.requires_grad]
+        self.criterion_params = [p for p in module.criterion.parameters() if p.requires_grad]
+        self.last_norms: dict[str, float] = {}
 
     def autocast(self):
         return _autocast(self.device, self.precision)
@@ -128,8 +132,7 @@ class TorchEngine:
         """
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        max_norm = self.clip_grad if self.clip_grad > 0 else math.inf
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))  # one host sync per step
+        norm = self._clip()
         skipped = not math.isfinite(norm)
         if self.scaler:
             self.scaler.step(self.optimizer)  # skips internally on inf/nan
@@ -140,6 +143,34 @@ class TorchEngine:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm, skipped
+
+    def _clip(self) -> float:
+        """Clip the gradients; returns the global norm before clipping.
+
+        The student's and the criterion's gradient norms are also measured apart
+        (``last_norms``). Without ``clip_grad_criterion`` every gradient is scaled by one factor
+        from the global norm; with it, each part is clipped by its own norm, so a large projector
+        gradient cannot shrink the student's step.
+        """
+        utils = torch.nn.utils
+
+        def grads(ps):
+            return [p.grad for p in ps if p.grad is not None]
+
+        def norm(ps):
+            g = grads(ps)
+            return utils.get_total_norm(g).float() if g else torch.zeros((), device=self.device)
+
+        parts = [norm(self.params), norm(self.student_params), norm(self.criterion_params)]
+        n, n_s, n_c = torch.stack(parts).tolist()  # one host sync per step
+        self.last_norms = {"grad_norm_student": n_s, "grad_norm_criterion": n_c}
+        clips = ([(self.params, self.clip_grad, parts[0])] if self.clip_grad_criterion is None else
+                 [(self.student_params, self.clip_grad, parts[1]),
+                  (self.criterion_params, self.clip_grad_criterion, parts[2])])
+        for ps, max_norm, total in clips:
+            if max_norm > 0 and grads(ps):
+                utils.clip_grads_with_norm_(ps, max_norm, total)
+        return n
 
     def lr(self) -> list[float]:
         return [g["lr"] for g in self.optimizer.param_groups]

@@ -134,7 +134,9 @@ class Trainer:
                                                   else "args.resume.json"))
         dist.barrier()
         _setup_file_logging(self.save_dir)
-        self.state = {"global_step": 0, "epoch": 0, "consumed": 0, "nan_streak": 0}
+        # best_dev_loss / evals_without_improvement: early stopping (--early-stop-patience)
+        self.state = {"global_step": 0, "epoch": 0, "consumed": 0, "nan_streak": 0,
+                      "best_dev_loss": None, "evals_without_improvement": 0}
         if self.resume_from is not None:
             saved = ckpt_io.load_resume_state(self.resume_from, engine=self.engine,
                                               criterion=self.criterion)
@@ -219,7 +221,7 @@ class Trainer:
             self.device = self.engine.device
         else:
             self.engine = TorchEngine(module, opt, sched, device=self.device, precision=t.precision,
-                                      clip_grad=t.clip_grad)
+                                      clip_grad=t.clip_grad, clip_grad_criterion=t.clip_grad_criterion)
         if self.teacher is not None:
             if self.ds_cfg is not None and self.engine.zero_stage == 3:
                 import deepspeed
@@ -335,7 +337,8 @@ class Trainer:
         self.engine.module.train()
         if self.teacher is not None:
             self.teacher.eval()
-        while st["global_step"] < self.run_steps and st["epoch"] < cfg.derived["num_epochs"]:
+        while (st["global_step"] < self.run_steps and st["epoch"] < cfg.derived["num_epochs"]
+               and not self._should_stop()):
             self.sampler.set_position(st["epoch"], st["consumed"] * t.batch_size)
             it = iter(self.loader)
             while st["consumed"] < self.ipe * gas and st["global_step"] < self.run_steps:
@@ -368,10 +371,12 @@ class Trainer:
                 if skipped and not epoch_done:
                     continue
                 dev = self.evaluate() if self._due(step, epoch_done, t.eval_interval) else None
-                if self._due(step, epoch_done, t.save_interval):
+                if dev is not None:
+                    self._track_dev_loss(dev["loss"])
+                if self._due(step, epoch_done, t.save_interval) or (dev is not None and self._should_stop()):
                     self._save(dev=dev)
                     last_saved = step
-                if epoch_done:
+                if epoch_done or self._should_stop():
                     break
         if bar is not None:
             bar.close()
@@ -379,8 +384,22 @@ class Trainer:
         if last_saved != st["global_step"]:
             dev = self.evaluate() if (t.eval_interval > 0 or cfg.eval.eval_gen) else None
             self._save(dev=dev)
+        if self._should_stop():
+            logger.info("early stop: the dev loss has not improved for %d evaluations (best %.4f)",
+                        st["evals_without_improvement"], st["best_dev_loss"])
         logger.info("training done at step %d", st["global_step"])
         return {"global_step": st["global_step"], "dev": dev}
+
+    def _track_dev_loss(self, loss: float) -> None:
+        st = self.state
+        if st["best_dev_loss"] is None or loss < st["best_dev_loss"]:
+            st["best_dev_loss"], st["evals_without_improvement"] = loss, 0
+        else:
+            st["evals_without_improvement"] += 1
+
+    def _should_stop(self) -> bool:
+        patience = self.cfg.train.early_stop_patience
+        return patience > 0 and self.state["evals_without_improvement"] >= patience
 
     def _data_layout(self) -> list[int]:
         t = self.cfg.train
@@ -400,7 +419,8 @@ class Trainer:
         lrs = self.engine.lr()
         rec = {"step": st["global_step"], "epoch": st["epoch"] + st["consumed"] / max(1, self.ipe * self.cfg.train.gradient_accumulation_steps),
                **vals, "grad_norm": norm, "lr": lrs[0], "lr_last_group": lrs[-1],
-               "tokens_per_s": vals.get("tokens", 0.0) / max(1e-9, now - t0)}
+               "tokens_per_s": vals.get("tokens", 0.0) / max(1e-9, now - t0),
+               **getattr(self.engine, "last_norms", {})}
         rec.update({k: float(v) for k, v in hooks.items()})
         if dist.is_main():
             with self.metrics_path.open("a") as f:

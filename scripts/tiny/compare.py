@@ -1,0 +1,513 @@
+"""The paper's comparison in miniature on the embedded default: paired seeds, intervals, controls.
+
+    python scripts/tiny/compare.py compare                       # main table (scripts/tiny/compare.sh)
+    python scripts/tiny/compare.py compare --controls-only       # cross-vocabulary methods, same teacher
+    python scripts/tiny/compare.py tune                          # the dev grid (scripts/tiny/tune.sh)
+    python scripts/tiny/compare.py compare --methods sft mcw_kd --seeds 10 20 30   # run.sh's job
+
+Settings. ``same``: the teacher ``teacher_same_vocab`` shares the student's tokenizer (SFT,
+vanilla KD, DSKD). ``cross``: the Llama-style teacher with its own tokenizer (DSKD-CMA, MinED,
+ULD, Multi-Level OT, MCW-KD). With ``--controls`` every cross-vocabulary method also runs with
+the same-vocabulary teacher (rows ``<method>@same``), which separates "the method teaches" from
+"the vocabulary mismatch loses the signal".
+
+Every stage is ``scripts/tiny/train.sh`` (so ``code/distillation.py``); every method's options come
+from ``scripts/tiny/methods.tsv``. Teachers train on the teacher's corpus (``data/tiny/teacher``)
+for a fixed number of epochs; students train on their subset (``data/tiny``) until the
+teacher-forced dev loss has not improved for ``--patience`` epochs, and the checkpoint with the
+lowest dev loss is evaluated on the test split (``code/evaluate.py``): the published sampling
+protocol once per sampling seed (``--eval-seeds``, with the teacher-forced test NLL of the drawn
+reference), and greedy decoding. Stages run ``--jobs`` at a time as a task graph (students start
+when their teacher is trained, evaluations when their checkpoint exists); finished stages and
+evaluations are reused, unfinished ones resumed.
+
+Outputs under ``--out``: ``scores.csv`` (every run), ``table.{md,csv}`` (per method: mean ± std over
+training seeds and the paired difference to SFT with its 95% interval for sampled ROUGE-L,
+greedy ROUGE-L and test NLL), ``loss_curves.png``, ``differences.png``, ``timing.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "code"))
+
+from mckd.evaluation.results import mean_std  # noqa: E402
+from mckd.evaluation.stats import detectable_effect, paired_difference  # noqa: E402
+
+logger = logging.getLogger("compare")
+TEACHERS = {"same": "teacher_same_vocab", "cross": "teacher"}
+METHODS_TSV = ROOT / "scripts/tiny/methods.tsv"
+# Relative cost of a student stage (to start the long ones first).
+COST = {"cross_entropy": 1.0, "mcw_kd": 5.0, "multi_level_ot": 3.0, "dual_space_kd_with_cma": 3.0}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the table: a criterion with its teacher and options.
+
+    Attributes:
+        label: row name (also the run directory name).
+        criterion: ``--criterion`` of code/distillation.py.
+        setting: "same" or "cross" (the teacher); "both" for SFT, which has none.
+        kd_rate, kd_temp: the KD weight and temperature (None for SFT).
+        flags: extra code/distillation.py flags (word-split).
+    """
+
+    label: str
+    criterion: str
+    setting: str
+    kd_rate: float | None = None
+    kd_temp: float | None = None
+    flags: str = ""
+
+
+def read_methods(path: Path = METHODS_TSV) -> dict[str, Method]:
+    """The method table (``scripts/tiny/methods.tsv``), keyed by label, in file order."""
+    out: dict[str, Method] = {}
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        cols = line.split()
+        if len(cols) != 6:
+            raise ValueError(f"{path}:{lineno}: expected 6 columns (method criterion teacher kd_rate "
+                             f"kd_temp flags), got {len(cols)}")
+        label, crit, teacher, rate, temp, flags = cols
+
+        def num(x):
+            return None if x == "-" else float(x)
+
+        out[label] = Method(label, crit, "both" if teacher == "-" else teacher, num(rate), num(temp),
+                            "" if flags == "-" else flags.replace(",", " "))
+    return out
+
+
+def control(m: Method) -> Method:
+    """The same-vocabulary control of a cross-vocabulary method."""
+    return replace(m, label=f"{m.label}@same", setting="same")
+
+
+# ----------------------------------------------------------------------------- task graph
+@dataclass
+class Stage:
+    """One training run into ``run_dir`` (``env``: scripts/tiny/train.sh variables)."""
+
+    name: str
+    run_dir: Path
+    env: dict
+    weight: float = 1.0
+    teacher: "Stage | None" = None  # a student's teacher stage (its checkpoint is the teacher)
+    ckpt: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass(eq=False)
+class Task:
+    """A unit of work for :func:`run_tasks`: ``fn()`` once every task in ``after`` is done."""
+
+    name: str
+    fn: Callable[[], Any]
+    weight: float = 1.0
+    after: tuple = ()
+    result: Any = None
+
+
+def run_tasks(tasks: list[Task], jobs: int) -> None:
+    """Run ``tasks`` ``jobs`` at a time, each as soon as the tasks it needs are done, the heaviest
+    ready task first. The first failure is raised once the running tasks have ended."""
+    pending = sorted(tasks, key=lambda t: -t.weight)
+    done: set = set()
+    running: dict = {}
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        while pending or running:
+            for t in [t for t in pending if all(a in done for a in t.after)]:
+                if len(running) >= max(1, jobs):
+                    break
+                pending.remove(t)
+                running[pool.submit(t.fn)] = t
+            if not running:
+                raise RuntimeError(f"run_tasks: {[t.name for t in pending]} wait on tasks not in the list")
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in finished:
+                t = running.pop(f)
+                t.result = f.result()   # raises the task's exception (the pool waits for the others)
+                done.add(t)
+
+
+def best_checkpoint(run_dir: Path) -> str | None:
+    """Best checkpoint under ``run_dir`` (lowest dev loss; scripts/lib/find_checkpoint.py), or None."""
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/lib/find_checkpoint.py"), str(run_dir)],
+                       capture_output=True, text=True)
+    return r.stdout.strip() or None
+
+
+def finished(run_dir: Path) -> bool:
+    """True when the run in ``run_dir`` ended (its train.log says so); a run with epoch
+    checkpoints but no end is unfinished and is resumed, never reused."""
+    log = Path(run_dir) / "train.log"
+    return log.is_file() and "training done at step" in log.read_text()
+
+
+def train(stage: Stage) -> Stage:
+    """Train ``stage`` with scripts/tiny/train.sh (reused when finished, resumed when not)."""
+    if stage.teacher is not None:
+        stage.env["TEACHER_MODEL_PATH"] = stage.teacher.ckpt
+    ckpt = best_checkpoint(stage.run_dir) if finished(stage.run_dir) else None
+    if ckpt:
+        logger.info("%s: reusing %s", stage.name, ckpt)
+        stage.ckpt = ckpt
+        return stage
+    env = {"PYTHON": sys.executable, **os.environ, "GPUS": "", "OMP_NUM_THREADS": "1",
+           "SAVE_PATH": str(stage.run_dir), **{k: str(v) for k, v in stage.env.items()}}
+    if stage.run_dir.is_dir():
+        env["RESUME"] = "1"   # an interrupted run: continue it
+    stage.run_dir.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    log = stage.run_dir.parent / f"{stage.run_dir.name}.log"
+    with open(log, "w") as fh:
+        r = subprocess.run(["bash", str(ROOT / "scripts/tiny/train.sh")], env=env, stdout=fh,
+                           stderr=subprocess.STDOUT)
+    stage.seconds = time.time() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"{stage.name}: scripts/tiny/train.sh failed (exit {r.returncode}); see {log}")
+    stage.ckpt = best_checkpoint(stage.run_dir)
+    if not stage.ckpt:
+        raise RuntimeError(f"{stage.name}: no checkpoint in {stage.run_dir}; see {log}")
+    logger.info("%s: trained in %.0f s -> %s", stage.name, stage.seconds, stage.ckpt)
+    return stage
+
+
+def evaluate(ckpt: str, data_dir: Path, seeds: list[int], num: int, out_dir: Path, *,
+             greedy: bool = False, max_new_tokens: int = 64) -> dict:
+    """``code/evaluate.py run`` on ``<data_dir>/tiny/valid.jsonl``; returns its results.json entry."""
+    cmd = [sys.executable, str(ROOT / "code/evaluate.py"), "run", "--ckpt", ckpt,
+           "--data-dir", str(data_dir), "--datasets", "tiny", "--seeds", *map(str, seeds),
+           "--eval-batch-size", "50", "--max-prompt-length", "128", "--max-new-tokens",
+           str(max_new_tokens), "--dev-num", str(num), "--device", "cpu", "--log-level", "WARNING",
+           "--out-dir", str(out_dir)]
+    if greedy:
+        cmd += ["--greedy", "--no-lm-loss"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "code")}
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    return json.loads((out_dir / "results.json").read_text())["datasets"]["tiny"]
+
+
+def scores(sampled: dict, greedy: dict, seeds: list[int]) -> dict:
+    """Sampled ROUGE-L (mean over sampling seeds), greedy ROUGE-L and test NLL of one checkpoint."""
+    per_seed = [float(sampled["seeds"][str(s)]["rougeL"]) for s in seeds]
+    nll = sampled["seeds"][str(seeds[0])].get("lm_loss")
+    return {"rougeL": statistics.fmean(per_seed), "rougeL_per_seed": " ".join(f"{x:.4f}" for x in per_seed),
+            "rougeL_greedy": float(next(iter(greedy["seeds"].values()))["rougeL"]),
+            "test_nll": float(nll) if nll is not None else float("nan")}
+
+
+def dev_record(run_dir: Path) -> dict:
+    """Best teacher-forced dev loss of a run and the step count it trained."""
+    losses, steps = [], 0
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        steps = max(steps, int(rec.get("step", 0)))
+        if rec.get("split") == "dev":
+            losses.append(float(rec["loss"]))
+    return {"dev_loss": min(losses) if losses else float("nan"), "steps": steps}
+
+
+# ----------------------------------------------------------------------------- stages
+def teacher_stage(out: Path, name: str, epochs: int, extra: str) -> Stage:
+    return Stage(f"teacher {name}", out / name / "sft" / "run", weight=10.0,
+                 env={"MODEL": name, "CRITERION": "cross_entropy", "EPOCH": epochs,
+                      "DATA_DIR": str(ROOT / "data/tiny/teacher"), "BATCH_SIZE": 32,
+                      "EVAL_GEN": 0, "SAVE_BEST_N_CKPTS": 1, "EXTRA_ARGS": extra})
+
+
+def student_stage(m: Method, seed: int, run_dir: Path, teachers: dict, args) -> Stage:
+    """The training stage of method ``m`` with ``seed``; ``teachers`` maps a teacher name to its
+    stage (its checkpoint is read when the student starts)."""
+    flags = f"--early-stop-patience {args.patience} {args.train_args}".strip()
+    env = {"MODEL": "student", "CRITERION": m.criterion, "EPOCH": args.max_epochs, "SEED": seed,
+           "EVAL_GEN": 0, "DEV_NUM": -1, "SAVE_BEST_N_CKPTS": 1, "EXTRA_ARGS": flags,
+           "METHOD_FLAGS": m.flags}
+    after = None
+    if m.criterion != "cross_entropy":
+        after = teachers[TEACHERS[m.setting]]
+        env.update(TEACHER_MODEL_NAME=TEACHERS[m.setting], KD_RATE=m.kd_rate, KD_TEMP=m.kd_temp)
+    return Stage(f"{m.label} seed {seed}", run_dir, env, weight=COST.get(m.criterion, 2.0), teacher=after)
+
+
+def build_assets(args) -> None:
+    cmd = [sys.executable, "-m", "mckd.tiny.build", "--out", str(ROOT), *args.build_args.split()]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL,
+                   env={**os.environ, "PYTHONPATH": str(ROOT / "code")})
+
+
+def graph(teachers: dict, students: list[Stage], evals: list[tuple[Stage, Callable]]) -> list[Task]:
+    """Tasks: each teacher, each student after its teacher, each evaluation after its stage."""
+    tasks = {id(st): Task(st.name, lambda st=st: train(st), st.weight)
+             for st in [*teachers.values(), *students]}
+    for st in students:
+        if st.teacher is not None:
+            tasks[id(st)].after = (tasks[id(st.teacher)],)
+    ev = [Task(f"eval {st.name}", fn, 0.5, (tasks[id(st)],)) for st, fn in evals]
+    return [*tasks.values(), *ev]
+
+
+def run_grid(points: list[tuple[Method, int, Path]], args, data_dir: Path, eval_name: str) -> list[dict]:
+    """Train every (method, seed, run_dir) point with the teachers it needs, evaluate its best
+    checkpoint (sampled with ``args.eval_seeds`` and greedy) on ``<data_dir>/tiny/valid.jsonl``
+    into ``<ckpt>/<eval_name>[-greedy]``; returns one row per point plus one per teacher."""
+    build_assets(args)
+    needed = {TEACHERS[m.setting] for m, _, _ in points if m.criterion != "cross_entropy"}
+    tstages = {t: teacher_stage(Path(args.teacher_out), t, args.teacher_epoch, args.teacher_args)
+               for t in TEACHERS.values() if t in needed}
+    students = [student_stage(m, s, d, tstages, args) for m, s, d in points]
+
+    def ev(st):
+        def fn():
+            ck = Path(st.ckpt)
+            kw = dict(max_new_tokens=args.max_new_tokens)
+            sampled = evaluate(st.ckpt, data_dir, args.eval_seeds, args.eval_num, ck / eval_name, **kw)
+            greedy = evaluate(st.ckpt, data_dir, [args.eval_seeds[0]], args.eval_num,
+                              ck / f"{eval_name}-greedy", greedy=True, **kw)
+            return scores(sampled, greedy, args.eval_seeds)
+        return fn
+
+    everything = [*tstages.values(), *students]
+    tasks = graph(tstages, students, [(st, ev(st)) for st in everything])
+    run_tasks(tasks, args.jobs)
+    results = [t.result for t in tasks[-len(everything):]]
+    rows = []
+    for (name, st), res in zip(tstages.items(), results):
+        setting = next(k for k, v in TEACHERS.items() if v == name)
+        rows.append({"method": "teacher", "setting": setting, "kd_rate": "", "seed": "", **res,
+                     **dev_record(st.run_dir), "train_s": round(st.seconds, 1), "ckpt": st.ckpt})
+    for (m, seed, _), st, res in zip(points, students, results[len(tstages):]):
+        rows.append({"method": m.label, "setting": m.setting, "kd_rate": "" if m.kd_rate is None else m.kd_rate,
+                     "seed": seed, **res, **dev_record(st.run_dir), "train_s": round(st.seconds, 1),
+                     "ckpt": st.ckpt})
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+# ----------------------------------------------------------------------------- table
+COLUMNS = (("rougeL", "sampled ROUGE-L", 1.0), ("rougeL_greedy", "greedy ROUGE-L", 1.0),
+           ("test_nll", "test NLL", -1.0))  # (key, name, +1 when higher is better)
+
+
+def write_table(rows: list[dict], path: Path, n_eval: int, n_sampling: int) -> str:
+    """Markdown + CSV: per setting and method, mean ± std over training seeds of each score and
+    the paired difference to SFT (same training seeds) with its 95% interval.
+
+    Args:
+        rows: scores.csv rows (``method``, ``setting``, ``seed``, the score keys of :data:`COLUMNS`).
+        path: output prefix (``path.md``, ``path.csv``).
+        n_eval, n_sampling: test prompts and sampling seeds behind each sampled score (caption).
+    """
+    def group(setting, method):
+        return {int(r["seed"]): r for r in rows if r["method"] == method
+                and r["setting"] in (setting, "both") and r["seed"] != ""}
+
+    lines, out_rows, sds = [], [], {k: [] for k, _, _ in COLUMNS}
+    for setting in ("same", "cross"):
+        methods = list(dict.fromkeys(r["method"] for r in rows
+                                     if r["setting"] == setting and r["method"] != "teacher"))
+        if not methods:
+            continue
+        sft = group(setting, "sft")
+        lines += [f"\n**{setting} vocabulary** (teacher: {TEACHERS[setting]})\n",
+                  "| method | kd_rate | seeds | " + " | ".join(
+                      f"{name} | Δ vs SFT [95% CI]" for _, name, _ in COLUMNS) + " |",
+                  "|---|---|---|" + "---|---|" * len(COLUMNS)]
+        teacher = [r for r in rows if r["method"] == "teacher" and r["setting"] == setting]
+        if teacher:
+            t = teacher[0]
+            lines.append("| teacher | | | " + " | ".join(f"{float(t[k]):.3f} | " if k == "test_nll" else
+                                                      f"{float(t[k]):.2f} | " for k, _, _ in COLUMNS) + "|")
+        for m in ["sft", *[x for x in methods if x != "sft"]]:
+            g = group(setting, m)
+            if not g:
+                continue
+            cells, rec = [], {"setting": setting, "method": m, "kd_rate": next(iter(g.values()))["kd_rate"],
+                              "n_seeds": len(g)}
+            for key, _, _ in COLUMNS:
+                digits = 3 if key == "test_nll" else 2
+                mu, sd = mean_std([float(r[key]) for r in g.values()])
+                rec.update({f"{key}_mean": round(mu, 4), f"{key}_std": round(sd, 4)})
+                shared = sorted(set(g) & set(sft))
+                diff = ""
+                if m != "sft" and len(shared) >= 2:
+                    d = paired_difference([float(g[s][key]) for s in shared],
+                                          [float(sft[s][key]) for s in shared])
+                    sds[key].append(d.sd)
+                    diff = d.format(digits)
+                    rec.update({f"{key}_diff": round(d.mean, 4), f"{key}_lo": round(d.lo, 4),
+                                f"{key}_hi": round(d.hi, 4)})
+                cells.append(f"{mu:.{digits}f} ± {sd:.{digits}f} | {diff}")
+            lines.append(f"| {m} | {rec['kd_rate']} | {len(g)} | " + " | ".join(cells) + " |")
+            out_rows.append(rec)
+    n = max((r["n_seeds"] for r in out_rows), default=0)
+    mde = []
+    for key, name, _ in COLUMNS:
+        if sds[key]:
+            sd = statistics.median(sds[key])
+            mde.append(f"{name} {detectable_effect(sd, n):.{3 if key == 'test_nll' else 2}f}")
+    md = ("\n".join(lines) + f"\n\nMean ± std over {n} training seeds; Δ: mean paired difference to SFT "
+          f"(same training seed) with its 95% t interval, * where it excludes 0 (for the NLL, lower "
+          f"is better). Sampled ROUGE-L: the published protocol on {n_eval} test prompts, mean over "
+          f"{n_sampling} sampling seeds; greedy ROUGE-L: greedy decoding; test NLL: teacher-forced "
+          f"loss of the drawn reference. Smallest effect this design detects (paired t-test, "
+          f"level 0.05, power 0.8, median paired std over methods): {', '.join(mde) or 'n/a'}.\n")
+    path.with_suffix(".md").write_text(md)
+    if out_rows:
+        keys = list(dict.fromkeys(k for r in out_rows for k in r))
+        with open(path.with_suffix(".csv"), "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=keys)
+            w.writeheader()
+            w.writerows(out_rows)
+    return md
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_compare(args) -> None:
+    t0 = time.time()
+    table = read_methods()
+    unknown = [m for m in args.methods if m not in table]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; known: {list(table)}")
+    chosen = [table[m] for m in args.methods]
+    if args.controls or args.controls_only:
+        controls = [control(m) for m in chosen if m.setting == "cross"]
+        chosen = ([table["sft"]] + controls) if args.controls_only else chosen + controls
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    points = [(m, s, out / m.label / f"seed{s}") for m in chosen for s in args.seeds]
+    rows = run_grid(points, args, ROOT / "data", "eval")
+    write_csv(rows, out / "scores.csv")
+    md = write_table(rows, out / "table", n_eval=args.eval_num if args.eval_num > 0 else 300,
+                     n_sampling=len(args.eval_seeds))
+    stage_s = {f"{r['method']} seed {r['seed']}".strip(): r["train_s"] for r in rows}
+    timing = {"total_s": round(time.time() - t0), "jobs": args.jobs, "stages_s": stage_s,
+              "training_s_summed_over_stages": round(sum(stage_s.values())),
+              "seeds": args.seeds, "eval_seeds": args.eval_seeds}
+    (out / "timing.json").write_text(json.dumps(timing, indent=1))
+    try:
+        from mckd.tiny.plots import plot_differences, plot_loss_curves
+
+        plot_loss_curves([(m.label, d) for m, _, d in points], out / "loss_curves.png")
+        plot_differences(out / "table.csv", out / "differences.png")
+    except Exception as e:  # noqa: BLE001 - plots are a convenience; the table is the result
+        logger.warning("plots failed: %s", e)
+    print(md)
+    print(f"timing: {json.dumps({k: v for k, v in timing.items() if k != 'stages_s'})}")
+
+
+# The dev grid: every method gets the same number of dev runs, its kd_rate grid times its one
+# main knob (SFT: learning rate times label smoothing). (kd_rates, (knob flag, values)).
+GRID = {
+    "sft": ([None], ("--lr", ["2e-3", "4e-3"]), ("--label-smoothing", ["0", "0.1"])),
+    "vanilla_kd": ([0.5, 0.9], ("--kd-temperature", ["1.0", "2.0"])),
+    "dskd": ([0.5, 0.9], ("--kd-temperature", ["1.0", "2.0"])),
+    "dskd_cma": ([0.5, 0.9], ("--clip-grad-criterion", ["none", "1.0"])),
+    "mined": ([0.5, 0.9], ("--kd-temperature", ["1.0", "2.0"])),
+    "uld": ([0.5, 0.9], ("--kd-temperature", ["1.0", "2.0"])),
+    "multi_level_ot": ([0.5, 2.0], ("--kd-temperature", ["1.0", "3.0"])),
+    "mcw_kd": ([0.0, 1.0], ("--clip-grad-criterion", ["none", "1.0"])),
+}
+
+
+def grid_points(label: str, base: Method) -> list[Method]:
+    """The dev runs of one method (see :data:`GRID`)."""
+    rates, *knobs = GRID[label]
+    variants = [[]]
+    for flag, values in knobs:
+        variants = [v + [(flag, x)] for v in variants for x in values]
+    out = []
+    for rate in rates:
+        for v in variants:
+            flags = " ".join(f"{f} {x}" for f, x in v if x != "none")
+            name = "__".join([label, *([] if rate is None else [f"{rate:g}"]),
+                              *(f"{f.lstrip('-')}_{x}" for f, x in v)])
+            out.append(replace(base, label=name, kd_rate=rate if rate is not None else base.kd_rate,
+                               flags=f"{base.flags} {flags}".strip()))
+    return out
+
+
+def cmd_tune(args) -> None:
+    table = read_methods()
+    out = Path(args.out).resolve()
+    dev_root = out / "dev_data"
+    (dev_root / "tiny").mkdir(parents=True, exist_ok=True)
+    build_assets(args)
+    shutil.copyfile(ROOT / "data/tiny/dev.jsonl", dev_root / "tiny/valid.jsonl")
+    labels = args.methods or list(GRID)
+    points = [(p, args.seeds[0], out / p.label) for lab in labels for p in grid_points(lab, table[lab])]
+    rows = run_grid(points, args, dev_root, "eval-dev")
+    write_csv(rows, out / "tune.csv")
+    lines = ["| point | flags | dev ROUGE-L (sampled) | dev greedy | dev NLL | best dev loss | steps |",
+             "|---|---|---|---|---|---|---|"]
+    for (m, _, _), r in zip(points, [r for r in rows if r["method"] != "teacher"]):
+        lines.append(f"| {m.label} | {m.flags} | {r['rougeL']:.2f} | {r['rougeL_greedy']:.2f} | "
+                     f"{r['test_nll']:.3f} | {r['dev_loss']:.3f} | {r['steps']} |")
+    md = "\n".join(lines) + "\n"
+    (out / "tune.md").write_text(md)
+    print(md)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("compare", "tune"):
+        s = sub.add_parser(name)
+        s.add_argument("--out", default=str(ROOT / "outputs/tiny" / name))
+        s.add_argument("--teacher-out", default=str(ROOT / "outputs/tiny"),
+                       help="teachers are trained (or reused) in <teacher-out>/<teacher>/sft/run")
+        s.add_argument("--jobs", type=int, default=2, help="stages run at the same time")
+        s.add_argument("--seeds", type=int, nargs="+", default=[10, 20, 30, 40, 50],
+                       help="training seeds (paired across methods)")
+        s.add_argument("--eval-seeds", type=int, nargs="+", default=[10, 20, 30], help="sampling seeds")
+        s.add_argument("--eval-num", type=int, default=-1, help="test/dev examples (-1: all)")
+        s.add_argument("--max-new-tokens", type=int, default=64)
+        s.add_argument("--teacher-epoch", type=int, default=4)
+        s.add_argument("--max-epochs", type=int, default=20, help="student epochs at most")
+        s.add_argument("--patience", type=int, default=2,
+                       help="stop a student when its dev loss has not improved for this many epochs")
+        s.add_argument("--train-args", default="", help="extra distillation.py flags of every student")
+        s.add_argument("--teacher-args", default="", help="extra distillation.py flags of the teachers")
+        s.add_argument("--build-args", default="", help="extra mckd.tiny.build flags")
+        s.add_argument("--log-level", default="INFO")
+    c = sub.choices["compare"]
+    c.add_argument("--methods", nargs="+", default=list(read_methods()))
+    c.add_argument("--controls", action="store_true",
+                   help="also run every cross-vocabulary method with the same-vocabulary teacher")
+    c.add_argument("--controls-only", action="store_true", help="SFT and the controls only")
+    t = sub.choices["tune"]
+    t.add_argument("--methods", nargs="+", default=None, choices=list(GRID))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    {"compare": cmd_compare, "tune": cmd_tune}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
