@@ -368,3 +368,31 @@ def test_dwa_kd_criterion_all_masked_is_a_finite_zero_and_padding_invariant():
     out.loss_sum.backward()
     assert float(out.loss_sum) == 0.0 and int(out.n_tokens) == 0
     assert torch.isfinite(s3.logits.grad).all() and torch.isfinite(s3.hidden.grad).all()
+
+
+# --------------------------------------------------------------------------- MCW-KD's direct KL
+def test_exact_vocab_kl_equals_a_per_pair_oracle_and_pads_invariantly():
+    from mckd.criteria.exact_kl import exact_vocab_kl
+
+    batch, t, tea2stu = make_batch(seed=10)
+    s_s, s_t, _, _ = _shared(tea2stu)
+    zs = t["zs"].clone().requires_grad_(True)
+    got, n = exact_vocab_kl(zs, t["zt"], batch["labels"], batch["teacher_labels"], batch["exact_teacher_index"],
+                            s_s, s_t, temperature=2.0)
+    want, count = 0.0, 0
+    for b in range(B):
+        for i in range(T_S):
+            j = int(batch["exact_teacher_index"][b, i])
+            if j < 0 or batch["labels"][b, i] == -100 or batch["teacher_labels"][b, j] == -100:
+                continue
+            w = F.softmax(t["zt"][b, j, s_t] / 2.0, -1)
+            lp = F.log_softmax(t["zs"][b, i] / 2.0, -1)[s_s]
+            want, count = want + float((w * (w.log() - lp)).sum()), count + 1
+    assert int(n) == count == 5 and float(got.detach()) == pytest.approx(want, rel=1e-10)
+    assert torch.autograd.gradcheck(
+        lambda z: exact_vocab_kl(z, t["zt"], batch["labels"], batch["teacher_labels"],
+                                 batch["exact_teacher_index"], s_s, s_t)[0], (zs,))
+    pb, pt = pad_batch(batch, t)
+    padded, _ = exact_vocab_kl(pt["zs"], pt["zt"], pb["labels"], pb["teacher_labels"], pb["exact_teacher_index"],
+                               s_s, s_t, temperature=2.0)
+    assert float(padded) == pytest.approx(want, rel=1e-10)

@@ -76,3 +76,22 @@ def test_dwa_kd_on_exact_alignment_entry_point(tmp_path, tiny_models, data):
                  ["--dwa-token-alignment", "exact", "--dskdv2-s2t", "linear"])
     assert [r["step"] for r in train] == [1, 2]
     assert all(math.isfinite(r["loss"]) and 0.2 < r["exact_aligned_fraction"] <= 1.0 for r in train)
+
+
+@pytest.mark.slow
+def test_mcw_kd_exact_align_entry_point(tmp_path, tiny_models, data):
+    """MCW-KD with ``--exact-align`` adds the direct KL on exactly aligned positions."""
+    student, teacher, _ = PAIRS["gpt2-qwen"]
+    save = tmp_path / "mcw"
+    argv = ["--model-path", str(tiny_models(student)), "--teacher-model-path", str(tiny_models(teacher, seed=1)),
+            "--criterion", "mcw_kd", "--exact-align", "--data-dir", str(data), "--save-dir", str(save),
+            "--lr", "1e-3", "--batch-size", "2", "--total-iters", "2", "--max-length", "64",
+            "--max-prompt-length", "32", "--precision", "fp32", "--log-interval", "1", "--eval-interval", "0",
+            "--num-workers", "0", "--projector-config-path", str(ROOT / "configs" / "projector_config.json")]
+    assert run_distillation(argv) == 0
+    rows = [json.loads(x) for x in Path(save, "metrics.jsonl").read_text().splitlines() if x.strip()]
+    train = [r for r in rows if "split" not in r]
+    assert [r["step"] for r in train] == [1, 2]
+    assert all(r["exact_kl"] > 0 and 0.2 < r["exact_aligned_fraction"] <= 1.0 for r in train)
+    args = json.loads(Path(save, "args.json").read_text())
+    assert "exact" in json.dumps(args)
