@@ -223,7 +223,7 @@ class ExactAlignmentProjectors(nn.Module):
         if self.s2t_mode == "linear":
             return self.s2t
         ws = student_head_weight.detach().float().index_select(0, self.overlap_student_ids)  # (K, D_s)
-        return ws.T @ self.teacher_head_pinv                                               # (D_s, D_t)
+        return ws.T @ self.teacher_head_pinv.float()                                       # (D_s, D_t)
 
 
 def heads_and_overlap(resources, init: str, s2t: str):

@@ -93,7 +93,8 @@ def aligned_groups(index: torch.Tensor, labels: torch.Tensor, teacher_labels: to
     end_s = label_mask(labels) & index.ge(0) & index.lt(T_t) & m_t.gather(1, j)
     if skip_last:
         end_s = end_s & ~last_label_mask(labels) & ~last_label_mask(teacher_labels).gather(1, j)
-    end_t = torch.zeros_like(m_t).scatter(1, j, end_s) & m_t
+    # scatter_add: several student positions may share a clamped index; only real ends count
+    end_t = torch.zeros(m_t.shape, device=m_t.device).scatter_add(1, j, end_s.float()).gt(0) & m_t
     return end_s, end_t, j
 
 
