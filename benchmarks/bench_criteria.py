@@ -36,7 +36,13 @@ ROWS = {  # row -> (teacher shape, criterion name, constructor kwargs)
     "multi_level_ot": (QWEN_1_8B, "multi_level_ot", {}),
     "mcw_kd:default": (QWEN_1_8B, "mcw_kd", {"preset": "default"}),
     "mcw_kd:reference": (QWEN_1_8B, "mcw_kd", {"preset": "reference"}),
+    "mcw_kd:exact": (QWEN_1_8B, "mcw_kd", {"preset": "default", "exact_kl_weight": 1.0}),
+    "dual_space_kd_v2": (QWEN_1_8B, "dual_space_kd_v2", {"s2t": "pinv"}),
+    "dual_space_kd_v2:linear": (QWEN_1_8B, "dual_space_kd_v2", {"s2t": "linear"}),
+    "uld_hybrid": (QWEN_1_8B, "uld_hybrid", {}),
+    "dwa_kd": (QWEN_1_8B, "dwa_kd", {}),
 }
+SHARED_STRINGS = 42257  # Qwen1.5 -> GPT-2 shared-string map size (mckd.data.shared_vocab, measured)
 
 
 def build_criterion(row: str, device: str, dtype: str):
@@ -49,12 +55,49 @@ def build_criterion(row: str, device: str, dtype: str):
     if name in ("dual_space_kd", "dual_space_kd_with_cma"):
         crit = cls(GPT2_BASE["hidden"], teacher["hidden"], **kw)
     elif name == "mcw_kd":
-        crit = cls(GPT2_BASE["hidden"], teacher["hidden"], options=preset(kw["preset"]), kd_rate=0.5)
+        extra = {k: v for k, v in kw.items() if k != "preset"}
+        crit = cls(GPT2_BASE["hidden"], teacher["hidden"], options=preset(kw["preset"], **extra), kd_rate=0.5,
+                   tea2stu=_shared_map(teacher) if extra else None)
+    elif name == "dual_space_kd_v2":
+        crit = _dskdv2(cls, teacher, kw["s2t"])
+    elif name == "uld_hybrid":
+        crit = cls(_shared_map(teacher), GPT2_BASE["vocab"])
+    elif name == "dwa_kd":
+        crit = cls(GPT2_BASE["hidden"], teacher["hidden"])
     elif name == "min_edit_dis_kld":
         crit = cls(_mined_map(), student_vocab=GPT2_BASE["vocab"], teacher_vocab=teacher["vocab"], kd_rate=0.5)
     else:
         crit = cls(**kw)
     return crit.to(device=device, dtype=harness.DTYPES[dtype])
+
+
+def _shared_map(teacher):
+    """A one-to-one teacher -> student map with the measured number of shared strings."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    m = torch.full((teacher["vocab"],), -1, dtype=torch.long)
+    m[torch.randperm(teacher["vocab"], generator=g)[:SHARED_STRINGS]] = \
+        torch.randperm(GPT2_BASE["vocab"], generator=g)[:SHARED_STRINGS]
+    return m
+
+
+def _dskdv2(cls, teacher, s2t):
+    """DSKDv2 with random projectors; in ``pinv`` mode the s2t map's buffers get the published shapes
+    (K overlapping strings) without paying for the pseudo-inverse at construction."""
+    import torch
+
+    crit = cls(GPT2_BASE["hidden"], teacher["hidden"], _shared_map(teacher), s2t="linear", projector_init="random")
+    if s2t == "pinv":
+        p = crit.projectors
+        del p.s2t
+        p.s2t_mode = "pinv"
+        g = torch.Generator().manual_seed(1)
+        p.register_buffer("overlap_student_ids", torch.randperm(GPT2_BASE["vocab"], generator=g)[:SHARED_STRINGS],
+                          persistent=False)
+        p.register_buffer("teacher_head_pinv", torch.randn(SHARED_STRINGS, teacher["hidden"], generator=g) * 0.01,
+                          persistent=False)
+    return crit
 
 
 def _mined_map():

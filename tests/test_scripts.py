@@ -31,6 +31,9 @@ EXPECTED = {
     "gpt2/uld_gpt2_base.sh": ("universal_logit_distillation", "gpt2/gpt2-base", 2, 4, 5e-4, 20, 0.5, False),
     "gpt2/multilevel_ot_gpt2_base.sh": ("multi_level_ot", "gpt2/gpt2-base", 4, 1, 5e-4, 20, 1.0, False),
     "gpt2/multicost_gpt2_base.sh": ("mcw_kd", "gpt2/gpt2-base", 4, 1, 5e-4, 20, 5.0, False),
+    "gpt2/dskdv2_gpt2_base.sh": ("dual_space_kd_v2", "gpt2/gpt2-base", 8, 1, 5e-4, 20, 0.5, False),
+    "gpt2/uld_hybrid_gpt2_base.sh": ("uld_hybrid", "gpt2/gpt2-base", 2, 4, 5e-4, 20, 1.0, False),
+    "gpt2/dwa_kd_gpt2_base.sh": ("dwa_kd", "gpt2/gpt2-base", 4, 2, 5e-4, 20, 0.5, False),
     "tinyllama/sft_teacher_llama2.sh": ("cross_entropy", "llama2/llama2-7b-hf", 8, 1, 1e-3, 10, None, True),
     "tinyllama/sft_teacher_mistral.sh": ("cross_entropy", "mistral/mistral-7b-v0.1", 8, 1, 1e-3, 10, None, True),
     "tinyllama/sft_tinyllama.sh": ("cross_entropy", "tinyllama/tinyllama-1.1b-3T", 8, 1, 1e-3, 10, None, True),
@@ -41,6 +44,9 @@ EXPECTED = {
     "tinyllama/uld_tinyllama.sh": ("universal_logit_distillation", "tinyllama/tinyllama-1.1b-3T", 2, 4, 1e-3, 10, 0.5, True),
     "tinyllama/multilevel_ot_tinyllama.sh": ("multi_level_ot", "tinyllama/tinyllama-1.1b-3T", 4, 2, 1e-3, 15, 0.5, True),
     "tinyllama/multicost_tinyllama.sh": ("mcw_kd", "tinyllama/tinyllama-1.1b-3T", 4, 2, 1e-3, 15, 0.5, True),
+    "tinyllama/dskdv2_tinyllama.sh": ("dual_space_kd_v2", "tinyllama/tinyllama-1.1b-3T", 4, 2, 1e-3, 10, 0.5, True),
+    "tinyllama/uld_hybrid_tinyllama.sh": ("uld_hybrid", "tinyllama/tinyllama-1.1b-3T", 2, 4, 1e-3, 10, 1.0, True),
+    "tinyllama/dwa_kd_tinyllama.sh": ("dwa_kd", "tinyllama/tinyllama-1.1b-3T", 4, 2, 1e-3, 10, 0.5, True),
 }
 # Variables a developer's shell might export that would change the defaults under test.
 _SCRIPT_VARS = ("BASE_PATH", "GPUS", "LAUNCHER", "DEEPSPEED", "DS_CONFIG", "NNODES", "NODE_RANK",

@@ -72,6 +72,10 @@ class CriterionResources:
     student_tokenizer: object = None
     teacher_tokenizer: object = None
     projector_config_path: str | None = None
+    # the loaded models, for criteria that initialise parts from their weights (DSKDv2's
+    # pseudo-inverse projectors); read at construction only, never kept
+    student_model: object = None
+    teacher_model: object = None
 
 
 @dataclass

@@ -96,7 +96,8 @@ def cma_losses(*, student_logits: torch.Tensor, student_hidden: torch.Tensor,
                kd_divergence: Divergence = forward_kl, temperature: float = 1.0,
                teacher_temperature: float = 1.0, tau_squared: bool = False,
                normalization: str = "masked_std", t2s_accuracy_mask: bool = True,
-               projector_pretraining: bool = False) -> CMATerms:
+               projector_pretraining: bool = False, t2s_weights: torch.Tensor | None = None,
+               s2t_weights: torch.Tensor | None = None) -> CMATerms:
     """The DSKD-CMA knowledge-distillation terms, batched (spec 6.3 steps 1-6).
 
     Args:
@@ -113,6 +114,8 @@ def cma_losses(*, student_logits: torch.Tensor, student_hidden: torch.Tensor,
         normalization: see the module docstring.
         t2s_accuracy_mask: only positions where argmax z_t2s == y_s count in the t2s KD term.
         projector_pretraining: KD = t2s CE only (published ``--only-save-projector`` mode).
+        t2s_weights: optional (B, T_s) per-position weights of the t2s KD term (DWA-KD).
+        s2t_weights: optional (B, T_t) per-position weights of the s2t KD term (DWA-KD).
 
     Returns:
         :class:`CMATerms`.
@@ -162,11 +165,16 @@ def cma_losses(*, student_logits: torch.Tensor, student_hidden: torch.Tensor,
     t2s_kd_tok = kd_divergence(gather_rows(student_logits, rows_s), z_t2s.detach(),
                                temperature=temperature, teacher_temperature=teacher_temperature,
                                tau_squared=tau_squared)                        # (n_s,)
+    if t2s_weights is not None:
+        t2s_kd_tok = upcast(t2s_kd_tok) * gather_rows(t2s_weights, rows_s).to(upcast(t2s_kd_tok).dtype)
     t2s_kd = masked_sum(t2s_kd_tok, correct) if t2s_accuracy_mask else upcast(t2s_kd_tok).sum()
     h_s2t = gather_rows(torch.softmax(scores.transpose(1, 2), dim=-1) @ v_s, rows_t)  # (n_t, D_t)
     z_s2t = head_logits(h_s2t.to(teacher_hidden.dtype), teacher_head_weight)   # (n_t, V_t)
-    s2t_kd = upcast(forward_kl(z_s2t, gather_rows(teacher_logits.detach(), rows_t),
-                               temperature=temperature, tau_squared=tau_squared)).sum()
+    s2t_tok = upcast(forward_kl(z_s2t, gather_rows(teacher_logits.detach(), rows_t),
+                                temperature=temperature, tau_squared=tau_squared))  # (n_t,)
+    if s2t_weights is not None:
+        s2t_tok = s2t_tok * gather_rows(s2t_weights, rows_t).to(s2t_tok.dtype)
+    s2t_kd = s2t_tok.sum()
     with torch.no_grad():
         s2t_correct = z_s2t.argmax(-1).eq(y_t).sum()
         # published: teacher-side count rescaled to the student's token count

@@ -8,6 +8,9 @@
   :func:`mckd.criteria.dual_space_kd_with_cma.cma_losses` with this criterion's ``query``/``s2t``/
   ``t2s`` projectors and the shared ``--kd-*``/``--cma-*`` options (``--cma-normalization published``
   for the published scaling).
+* ``--mcw-exact-kl-weight w`` (``--exact-align``: w = 1) adds ``w * sum KL`` over the exactly aligned
+  label positions, the teacher's distribution read in the student vocabulary through the
+  shared-string map (:mod:`mckd.criteria.exact_kl`); off in both presets.
 * ``OT_logits`` / ``OT_hidden``: batched multi-cost Sinkhorn terms (:mod:`mckd.criteria.mcw_ot`).
   Scaling (``--mcw-ot-scaling``): ``per_example`` adds ``mean_b OT_b`` (published; after the loop's
   division by the label-token count its weight is ~1/350 of CE's) and ``per_token`` adds
@@ -32,6 +35,7 @@ from mckd.criteria.common import (combine_losses, count_tokens, cross_entropy_su
                                   teacher_input_ids, teacher_labels)
 from mckd.criteria.divergences import get_divergence
 from mckd.criteria.dual_space_kd_with_cma import CMA_PROJECTORS, cma_kwargs_from_args, cma_losses
+from mckd.criteria.exact_kl import exact_vocab_kl
 from mckd.criteria.mcw_ot import (aligned_student_index, alignment_cost, cost_statistics, hidden_costs,
                                   interpolation_weight, logit_costs, multi_cost_ot, topk_distributions)
 from mckd.criteria.mcw_presets import MCWOptions, add_mcw_args, options_from_args
@@ -61,7 +65,8 @@ class MCWKD(Criterion):
                  kd_objective: str = "forward_kl", kd_temperature: float = 1.0, teacher_temperature: float = 1.0,
                  tau_squared: bool = False, adaptive_kl_alpha: float = 0.5, skew_lambda: float = 0.1,
                  normalization: str = "masked_std", t2s_accuracy_mask: bool = True,
-                 projector_config_path: str | None = None, projector_path: str | None = None):
+                 projector_config_path: str | None = None, projector_path: str | None = None,
+                 tea2stu: torch.Tensor | None = None):
         """Args:
             student_hidden, teacher_hidden: D_s, D_t (from the model configs).
             options: :class:`MCWOptions` (a preset with overrides); None = the ``reference`` values.
@@ -71,6 +76,8 @@ class MCWKD(Criterion):
             kd_objective ... t2s_accuracy_mask: the DSKD-CMA options (shared ``--kd-*``/``--cma-*`` flags).
             projector_config_path: projector JSON (``ot`` and, with a CMA term, ``query``/``t2s``/``s2t``).
             projector_path: optional projector.pt to warm-start the projectors.
+            tea2stu: (V_t,) teacher id -> student id with the same string or -1; needed when
+                ``options.exact_kl_weight > 0``.
         """
         super().__init__()
         self.options = (options or MCWOptions()).validate()
@@ -78,6 +85,16 @@ class MCWKD(Criterion):
         self.loss_combination = loss_combination
         self.label_smoothing = float(label_smoothing)
         self.alignment = ("dtw",) if self.options.align_cost == "dtw" else ()
+        if self.options.exact_kl_weight > 0:
+            if tea2stu is None:
+                raise ValueError("mcw_kd: --mcw-exact-kl-weight needs the shared-string vocabulary map "
+                                 "(both tokenizers)")
+            tea2stu = torch.as_tensor(tea2stu, dtype=torch.long)
+            shared_t = torch.nonzero(tea2stu >= 0).squeeze(1)
+            # derived from the tokenizers: rebuilt at construction, not saved in checkpoints
+            self.register_buffer("shared_t", shared_t, persistent=False)
+            self.register_buffer("shared_s", tea2stu[shared_t], persistent=False)
+            self.alignment = self.alignment + ("exact",)
         names = ("ot",) + (CMA_PROJECTORS if self.kd_rate != 0.0 else ())
         self.projectors = build_projectors(names, student_hidden, teacher_hidden, config_path=projector_config_path)
         if projector_path:
@@ -112,7 +129,12 @@ class MCWKD(Criterion):
             raise ValueError("mcw_kd: needs a teacher (--teacher-model-path); teacher hidden size unknown")
         kw = cma_kwargs_from_args(args, resources)
         kw.pop("projector_pretraining", None)
-        return cls(dims.student_hidden, dims.teacher_hidden, options=options_from_args(args), **kw)
+        options = options_from_args(args)
+        if options.exact_kl_weight > 0:
+            from mckd.criteria.dual_space_kd_v2 import shared_map_tensor
+
+            kw["tea2stu"] = shared_map_tensor(resources, dims, "mcw_kd")
+        return cls(dims.student_hidden, dims.teacher_hidden, options=options, **kw)
 
     # ------------------------------------------------------------------ schedule and weight rule
     def set_progress(self, step: int, total_steps: int) -> None:
@@ -231,6 +253,14 @@ class MCWKD(Criterion):
         ot = self.ot_terms(batch, student, teacher)
         ot_l, ot_h = self.scale_ot(ot["ot_logits"], labels), self.scale_ot(ot["ot_hidden"], labels)
         loss = base + o.w_logits * ot_l + o.w_hidden * ot_h
+        if o.exact_kl_weight > 0:
+            if "exact_teacher_index" not in batch:
+                raise KeyError("mcw_kd: --mcw-exact-kl-weight needs batch['exact_teacher_index']; build the "
+                               "data with alignment=('exact',)")
+            exact_kl, n_exact = exact_vocab_kl(student.logits, teacher.logits, labels, teacher_labels(batch),
+                                               batch["exact_teacher_index"], self.shared_s, self.shared_t)
+            loss = loss + o.exact_kl_weight * exact_kl
+            metrics.update(exact_kl=exact_kl.detach(), exact_aligned_fraction=n_exact.float())
         t_mask, s_mask = ot["masks"]
         for fam, (costs, plan) in enumerate(((ot["logit_costs"], ot["plan_logits"]),
                                              (ot["hidden_costs"], ot["plan_hidden"]))):

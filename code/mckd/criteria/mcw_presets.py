@@ -62,6 +62,9 @@ class MCWOptions:
         weight_statistic: "mean_cost" (published) or "plan_ratio" (see mcw_weights).
         weight_momentum: new = m * old + (1 - m) * QP solution (published 0).
         qp_sigma: proximal weight of the QP (published 2.0). qp_floor: minimum weight (0.01).
+        exact_kl_weight: weight of a direct KL in the student vocabulary on exactly aligned label
+            positions (:mod:`mckd.criteria.exact_kl`), added on top of the OT terms; 0 = off (both
+            presets). Flag ``--mcw-exact-kl-weight`` (``--exact-align`` sets it to 1.0).
     """
 
     top_k: int = 400
@@ -86,6 +89,7 @@ class MCWOptions:
     weight_momentum: float = 0.0
     qp_sigma: float = 2.0
     qp_floor: float = 0.01
+    exact_kl_weight: float = 0.0
 
     def validate(self) -> "MCWOptions":
         def bad(flag, msg):
@@ -106,6 +110,8 @@ class MCWOptions:
             bad("window" if self.window < 0 else "update_interval", "must be >= 0")
         if not 0.0 <= self.interp_start <= 1.0 or not 0.0 <= self.weight_momentum < 1.0:
             bad("interp_start" if not 0 <= self.interp_start <= 1 else "weight_momentum", "out of range")
+        if self.exact_kl_weight < 0:
+            bad("exact_kl_weight", f"must be >= 0, got {self.exact_kl_weight}")
         if self.qp_sigma <= 0 or not 0 <= self.qp_floor * 3 <= 1:
             bad("qp_sigma" if self.qp_sigma <= 0 else "qp_floor", "out of range")
         check_initial_weights("--mcw-weights-logits", self.weights_logits)
@@ -169,11 +175,16 @@ def add_mcw_args(parser) -> None:
         else:
             kw["type"] = type(f.default)
         g.add_argument(flag, *extra, **kw)
+    g.add_argument("--exact-align", dest="mcw_exact_align", action="store_true",
+                   help="shorthand for --mcw-exact-kl-weight 1.0: exactly aligned positions get a direct "
+                        "KL in the student vocabulary on top of the OT terms")
 
 
 def options_from_args(args) -> MCWOptions:
     """Preset named by ``args.mcw_preset`` with every explicitly given ``--mcw-*`` flag applied."""
     overrides = {}
+    if getattr(args, "mcw_exact_align", False) and getattr(args, "mcw_exact_kl_weight", None) is None:
+        overrides["exact_kl_weight"] = 1.0
     for f in fields(MCWOptions):
         v = getattr(args, f"mcw_{f.name}", None)
         if v is not None:

@@ -24,6 +24,26 @@ Batch keys (``B`` batch, ``T_s``/``T_t`` student/teacher length, ``P`` longest p
     Scatter-adding the pairs into a zero (B, T_t, T_s) tensor (:func:`dense_dtw_cost`) gives the
     published ``C2_dtw = (C_s2t^T + C_t2s) / 2`` exactly.
 
+``"exact"`` (exact token alignment, read by ``dual_space_kd_v2``, ``uld_hybrid``, ``dwa_kd`` and
+MCW-KD's ``--mcw-exact-kl-weight``):
+    exact_teacher_index     (B, T_s) long  for each student position ``i`` the teacher position
+                                           ``j`` whose *label* token covers exactly the same
+                                           characters as the student's label token at ``i`` and
+                                           follows the same character boundary, else -1
+    boundary_teacher_index  (B, T_s) long  the teacher position ``j`` whose label token *ends*
+                                           at the same character boundary as the student's (both
+                                           tokenizations cut the text there), else -1
+    Computed from the character offsets of both tokenizations (:func:`token_closes`,
+    :func:`exact_teacher_index`): a token *closes* a boundary at its end offset unless the next
+    token ends at the same character (a byte piece of one character); the eos appended to the
+    response closes at ``len(text) + 1``. Label position ``i`` predicts sequence token ``i + 1``,
+    so ``i`` and ``j`` are boundary pairs when tokens ``i + 1`` and ``j + 1`` close the same
+    boundary, and exact pairs when tokens ``i`` and ``j`` also close one same boundary (then both
+    label tokens span ``[previous boundary, boundary)`` and both contexts end at the same
+    character). Only end offsets are used, so tokenizers that do or do not count a leading space
+    in a token's offsets agree. Exact pairs are boundary pairs; positions between two boundary
+    pairs form a *group* (several tokens on one side or both) that covers the same text.
+
 DTW here is the published one (FuseLLM's simple DTW): ``D(i,j) = c(i,j) + min(D(i-1,j),
 D(i,j-1), D(i-1,j-1))`` with ``D(-1,-1) = 0`` and infinite borders, then a greedy walk back from
 the last cell to (0,0) that moves to the smallest of (diagonal, up, left) neighbours, ties in that
@@ -40,10 +60,12 @@ import torch
 
 MINED = "mined_dtw"
 DTW = "dtw"
-KNOWN_ALIGNMENTS = (MINED, DTW)
+EXACT = "exact"
+KNOWN_ALIGNMENTS = (MINED, DTW, EXACT)
 WORD_MARKERS = ("Ġ", "▁")
 # keys produced per alignment name (per example and in the batch)
-ALIGNMENT_KEYS = {MINED: ("mined_teacher_index",), DTW: ("dtw_index", "dtw_value", "dtw_mask")}
+ALIGNMENT_KEYS = {MINED: ("mined_teacher_index",), DTW: ("dtw_index", "dtw_value", "dtw_mask"),
+                  EXACT: ("exact_teacher_index", "boundary_teacher_index")}
 
 
 def check_alignment_names(names) -> tuple[str, ...]:
@@ -215,6 +237,66 @@ def dtw_pairs(stu_tokens: list[str], tea_tokens: list[str]) -> tuple[list[list[i
         pairs.append([t, s])
         values.append(0.5 * float(lev[s, t]))
     return pairs, values
+
+
+def token_closes(offsets, text_end: int, eos_last: bool) -> list[int]:
+    """The character boundary each token closes, or -1 (exact alignment, one tokenization).
+
+    Args:
+        offsets: (n, 2) character spans of the tokens of one sequence, in order, *before* any
+            truncation to ``max_length`` (so that the last kept token knows its successor).
+        text_end: ``len(prompt + output)``.
+        eos_last: the last token is the eos appended to the response (offset ``(end, end)``);
+            it closes the virtual boundary ``text_end + 1``.
+
+    Returns:
+        list of n ints: ``end_k`` when the next token ends after ``end_k`` (or ``k`` is last),
+        else -1 (a piece of a character that the next token finishes).
+    """
+    ends = np.asarray([int(o[1]) for o in offsets], dtype=np.int64)
+    if eos_last and len(ends):
+        ends[-1] = text_end + 1
+    closes = ends.copy()
+    if len(ends) > 1:
+        closes[:-1] = np.where(ends[1:] > ends[:-1], ends[:-1], -1)
+    return closes.tolist()
+
+
+def exact_teacher_index(stu_closes, tea_closes, n_stu: int, n_tea: int) -> tuple[list[int], list[int]]:
+    """Exact and boundary alignment of one example (label positions; see the module docstring).
+
+    Args:
+        stu_closes / tea_closes: :func:`token_closes` of the kept sequence tokens (at least
+            ``n + 1`` entries each: inputs plus the last label token).
+        n_stu / n_tea: number of input (= label) positions per side.
+
+    Returns:
+        ``(exact, boundary)``: two lists of length ``n_stu`` with a teacher position or -1.
+    """
+    cs = np.asarray(stu_closes[: n_stu + 1], dtype=np.int64)
+    ct = np.asarray(tea_closes[: n_tea + 1], dtype=np.int64)
+    exact = np.full(n_stu, -1, dtype=np.int64)
+    boundary = np.full(n_stu, -1, dtype=np.int64)
+    if n_stu == 0 or n_tea == 0:
+        return exact.tolist(), boundary.tolist()
+    s_lab, t_lab = cs[1:], ct[1:]                     # boundary closed by the label token of i
+    s_ok, t_ok = np.flatnonzero(s_lab >= 0), np.flatnonzero(t_lab >= 0)
+    _, si, ti = np.intersect1d(s_lab[s_ok], t_lab[t_ok], assume_unique=False, return_indices=True)
+    i, j = s_ok[si], t_ok[ti]                         # boundary pairs (label positions)
+    boundary[i] = j
+    prev_same = (cs[i] >= 0) & (cs[i] == ct[j])       # the input tokens close one same boundary
+    exact[i[prev_same]] = j[prev_same]
+    return exact.tolist(), boundary.tolist()
+
+
+def exact_alignment_share(labels_rows, index_rows) -> tuple[int, int]:
+    """(exactly aligned label positions, label positions) over rows of a dataset (for logging)."""
+    aligned = total = 0
+    for labels, index in zip(labels_rows, index_rows):
+        lab = np.asarray(labels) != -100
+        aligned += int((lab & (np.asarray(index) >= 0)).sum())
+        total += int(lab.sum())
+    return aligned, total
 
 
 # --------------------------------------------------------------------------- batch helpers

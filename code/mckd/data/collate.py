@@ -79,6 +79,14 @@ class DistillCollator:
             out["mined_teacher_index"] = torch.from_numpy(idx)
         if al.DTW in self.alignment:
             out.update(self._collate_dtw(rows))
+        if al.EXACT in self.alignment:
+            T_s = out["input_ids"].shape[1]
+            for key in al.ALIGNMENT_KEYS[al.EXACT]:
+                idx = np.full((len(rows), T_s), -1, dtype=np.int64)
+                for b, r in enumerate(rows):
+                    v = r[key]
+                    idx[b, : len(v)] = v
+                out[key] = torch.from_numpy(idx)
         return out
 
     def _required_keys(self) -> list[str]:

@@ -76,7 +76,9 @@ def encode_example(tokenizer, prompt: str, output: str, max_prompt_length: int, 
     Returns:
         dict with ``input_ids`` (n-1), ``labels`` (n-1; -100 on the prompt), ``offsets`` (n-1, 2)
         character spans of the input tokens in ``prompt + output``, ``prompt_len`` (tokens kept
-        from the prompt, possibly truncated by ``max_length``), ``n_labels``.
+        from the prompt, possibly truncated by ``max_length``), ``n_labels``, ``closes`` (n) the
+        character boundary each kept sequence token closes or -1
+        (:func:`mckd.data.alignment.token_closes`, computed before the ``max_length`` cut).
     """
     p_ids, p_offs = encode_prompt_with_offsets(tokenizer, prompt, max_prompt_length)
     enc = tokenizer(output, add_special_tokens=False, return_offsets_mapping=True)
@@ -84,11 +86,13 @@ def encode_example(tokenizer, prompt: str, output: str, max_prompt_length: int, 
     r_ids = list(enc["input_ids"]) + [tokenizer.eos_token_id]
     r_offs = [(s + shift, e + shift) for s, e in enc["offset_mapping"]] + [(end, end)]
     seq, offs = (p_ids + r_ids)[:max_length], (p_offs + r_offs)[:max_length]
+    closes = al.token_closes(p_offs + r_offs, end, eos_last=True)[:max_length]
     n, n_prompt = len(seq), min(len(p_ids), max_length)
     labels = list(seq[1:])
     labels[: max(n_prompt - 1, 0)] = [IGNORE_INDEX] * max(n_prompt - 1, 0)
     return {"input_ids": seq[:-1], "labels": labels, "offsets": [list(o) for o in offs[:-1]],
-            "prompt_len": n_prompt, "n_labels": max(n - 1 - max(n_prompt - 1, 0), 0)}
+            "prompt_len": n_prompt, "n_labels": max(n - 1 - max(n_prompt - 1, 0), 0),
+            "closes": closes}
 
 
 def check_pipeline_options(student_tokenizer, teacher_tokenizer, alignment, max_length: int,
@@ -141,6 +145,9 @@ def _process_batch(batch, *, student_tokenizer, teacher_tokenizer, max_prompt_le
                 row["dtw_index"], row["dtw_value"] = al.dtw_pairs(
                     al.token_strings(student_tokenizer, s["input_ids"]),
                     al.token_strings(teacher_tokenizer, t["input_ids"]))
+            if al.EXACT in alignment:
+                row["exact_teacher_index"], row["boundary_teacher_index"] = al.exact_teacher_index(
+                    s["closes"], t["closes"], len(s["input_ids"]), len(t["input_ids"]))
         for k, v in row.items():
             cols.setdefault(k, []).append(v)
     return cols
@@ -164,6 +171,9 @@ def _features(has_teacher: bool, alignment: tuple[str, ...]):
     if al.DTW in alignment:
         f["dtw_index"] = List(List(Value("int64")))
         f["dtw_value"] = List(Value("float32"))
+    if al.EXACT in alignment:
+        f["exact_teacher_index"] = List(Value("int64"))
+        f["boundary_teacher_index"] = List(Value("int64"))
     return Features(f)
 
 
@@ -183,6 +193,7 @@ class DistillDataset(torch.utils.data.Dataset):
         self.cache_file = cache_file
         self.has_teacher = has_teacher
         self.alignment = alignment
+        self.exact_share: float | None = None  # share of exactly aligned label positions ("exact")
 
     def __len__(self) -> int:
         return len(self.hf)
@@ -255,4 +266,9 @@ def build_dataset(path, *, student_tokenizer, teacher_tokenizer=None, max_length
         logger.warning("%s: dropped %d of %d examples whose response is truncated away entirely "
                        "(prompt fills max_length=%d)", path, ds.n_dropped, ds.n_read, max_length)
     logger.info("%s: %d training examples (cache %s)", path, len(ds), cache_file)
+    if al.EXACT in alignment and len(ds):
+        aligned, total = al.exact_alignment_share(hf["labels"], hf["exact_teacher_index"])
+        ds.exact_share = aligned / max(total, 1)
+        logger.info("%s: exact token alignment covers %d of %d student label positions (%.1f%%)",
+                    path, aligned, total, 100.0 * ds.exact_share)
     return ds

@@ -33,7 +33,8 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STRUCTURES: dict[str, str] = {"t2s": "t-s", "s2t": "s-t", "query": "2s-2t", "ot": "t-s"}
+DEFAULT_STRUCTURES: dict[str, str] = {"t2s": "t-s", "s2t": "s-t", "query": "2s-2t", "ot": "t-s",
+                                      "dtw_embed": "t-s", "dtw_hidden": "t-s"}
 _SIZE = re.compile(r"^(\d*)([stp])$")
 
 

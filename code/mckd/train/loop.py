@@ -169,7 +169,8 @@ class Trainer:
         dims = loading.read_dims(m.model_path, m.teacher_model_path if self.teacher is not None else None)
         resources = CriterionResources(student_tokenizer=self.tokenizer,
                                        teacher_tokenizer=self.teacher_tokenizer,
-                                       projector_config_path=self.cfg.criterion_args.get("projector_config_path"))
+                                       projector_config_path=self.cfg.criterion_args.get("projector_config_path"),
+                                       student_model=self.student, teacher_model=self.teacher)
         self.criterion = self.crit_cls.from_args(self.ns, dims, resources)
         self.cfg.derived["model_dims"] = vars(dims)
         self.cfg.derived["student_family"] = self.family
