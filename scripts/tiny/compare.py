@@ -423,34 +423,41 @@ def cmd_compare(args) -> None:
     print(f"timing: {json.dumps({k: v for k, v in timing.items() if k != 'stages_s'})}")
 
 
-# The dev grid: every method gets the same number of dev runs, its kd_rate grid times its one
-# main knob (SFT: learning rate times label smoothing). (kd_rates, (knob flag, values)).
+# The dev grid: every method gets the same number of dev runs (3): its kd_rate grid (2 points) at
+# the default of its one main knob, plus the knob's other value at the larger rate. SFT: learning
+# rate 2e-3 / 4e-3, plus label smoothing 0.1 at 4e-3. (label, flag of the grid, its values, knob
+# flag, default, other value); "none" leaves the flag out.
 GRID = {
-    "sft": ([None], ("--lr", ["2e-3", "4e-3"]), ("--label-smoothing", ["0", "0.1"])),
-    "vanilla_kd": ([0.5, 0.9], ("--kd-temperature", ["1.0", "2.0"])),
-    "dskd": ([0.5, 0.9], ("--kd-temperature", ["1.0", "2.0"])),
-    "dskd_cma": ([0.5, 0.9], ("--clip-grad-criterion", ["none", "1.0"])),
-    "mined": ([0.5, 0.9], ("--kd-temperature", ["1.0", "2.0"])),
-    "uld": ([0.5, 0.9], ("--kd-temperature", ["1.0", "2.0"])),
-    "multi_level_ot": ([0.5, 2.0], ("--kd-temperature", ["1.0", "3.0"])),
-    "mcw_kd": ([0.0, 1.0], ("--clip-grad-criterion", ["none", "1.0"])),
+    "sft": ("--lr", ["2e-3", "4e-3"], "--label-smoothing", "none", "0.1"),
+    "vanilla_kd": ("--kd-rate", ["0.5", "0.9"], "--kd-temperature", "2.0", "1.0"),
+    "dskd": ("--kd-rate", ["0.5", "0.9"], "--kd-temperature", "2.0", "1.0"),
+    "dskd_cma": ("--kd-rate", ["0.5", "0.9"], "--clip-grad-criterion", "none", "1.0"),
+    "mined": ("--kd-rate", ["0.5", "0.9"], "--kd-temperature", "2.0", "1.0"),
+    "uld": ("--kd-rate", ["0.5", "0.9"], "--kd-temperature", "2.0", "1.0"),
+    "multi_level_ot": ("--kd-rate", ["0.5", "2.0"], "--kd-temperature", "3.0", "1.0"),
+    "mcw_kd": ("--kd-rate", ["0", "1.0"], "--mcw-exact-kl-weight", "none", "1.0"),
 }
 
 
 def grid_points(label: str, base: Method) -> list[Method]:
     """The dev runs of one method (see :data:`GRID`)."""
-    rates, *knobs = GRID[label]
-    variants = [[]]
-    for flag, values in knobs:
-        variants = [v + [(flag, x)] for v in variants for x in values]
+    flag, values, knob, default, other = GRID[label]
+    points = [(v, default) for v in values] + [(values[-1], other)]
     out = []
-    for rate in rates:
-        for v in variants:
-            flags = " ".join(f"{f} {x}" for f, x in v if x != "none")
-            name = "__".join([label, *([] if rate is None else [f"{rate:g}"]),
-                              *(f"{f.lstrip('-')}_{x}" for f, x in v)])
-            out.append(replace(base, label=name, kd_rate=rate if rate is not None else base.kd_rate,
-                               flags=f"{base.flags} {flags}".strip()))
+    for v, k in points:
+        m = base
+        flags = []
+        for f, x in ((flag, v), (knob, k)):
+            if x == "none":
+                continue
+            if f == "--kd-rate":
+                m = replace(m, kd_rate=float(x))
+            elif f == "--kd-temperature":
+                m = replace(m, kd_temp=float(x))
+            else:
+                flags.append(f"{f} {x}")
+        name = f"{label}__{flag.lstrip('-')}_{v}__{knob.lstrip('-')}_{k}"
+        out.append(replace(m, label=name, flags=" ".join([base.flags, *flags]).strip()))
     return out
 
 
@@ -489,8 +496,8 @@ def main(argv: list[str] | None = None) -> None:
         s.add_argument("--eval-seeds", type=int, nargs="+", default=[10, 20, 30], help="sampling seeds")
         s.add_argument("--eval-num", type=int, default=-1, help="test/dev examples (-1: all)")
         s.add_argument("--max-new-tokens", type=int, default=64)
-        s.add_argument("--teacher-epoch", type=int, default=4)
-        s.add_argument("--max-epochs", type=int, default=20, help="student epochs at most")
+        s.add_argument("--teacher-epoch", type=int, default=3)
+        s.add_argument("--max-epochs", type=int, default=12, help="student epochs at most")
         s.add_argument("--patience", type=int, default=2,
                        help="stop a student when its dev loss has not improved for this many epochs")
         s.add_argument("--train-args", default="", help="extra distillation.py flags of every student")

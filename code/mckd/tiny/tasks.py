@@ -201,7 +201,7 @@ FAMILIES: dict[str, Callable[[random.Random], Record]] = {
 
 # The teacher's corpus is the large split; the student trains on its first STUDENT_TRAIN records.
 DEFAULT_SPLITS = {"teacher_train": 8000, "dev": 200, "test": 300}
-STUDENT_TRAIN = 1000
+STUDENT_TRAIN = 500
 
 
 def training_record(rec: Record) -> Record:
