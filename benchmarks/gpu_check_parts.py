@@ -120,7 +120,7 @@ def setup(args) -> dict:
     t0 = time.perf_counter()
     from mckd.tiny import build as tiny_build
 
-    tiny_build.main(["--out", str(work / "tiny"), "--train-size", "200", "--dev-size", "20", "--test-size", "20"])
+    tiny_build.main(["--out", str(work / "tiny"), "--train-size", "200", "--dev-size", "20", "--test-size", "64"])
     tiny_tok = work / "tiny" / "model_hub" / "tiny" / "tokenizers"
     real = None
     if args.tokenizers == "auto" and not args.small:

@@ -22,6 +22,9 @@ import gpu_check  # noqa: E402
 
 PARTS = ["env", "setup", "criteria", *(f"train:{c}:{e}" for c, e in gpu_check.CHAINS["small"]),
          "bench_mcw", "bench_step", "bench_criteria", "bench_generation"]
+# CI shares two cores with the rest of the suite: the limits are doubled so that load does not kill
+# parts; the check's own time is asserted against the doubled total.
+TIME_SCALE = 2.0
 ZERO3_DTYPES = ("ZeRO-3 with bf16: DeepSpeed leaves parameters made outside zero.Init uncast, so the "
                 "criterion's fp32 projectors sit beside the bf16-partitioned student and ZeRO-3's "
                 "defragment asserts one dtype (AssertionError in deepspeed/runtime/zero/utils.py)")
@@ -36,7 +39,8 @@ def small_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("gpu_check")
     out, work = base / "out", base / "work"
     res = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=ROOT, capture_output=True,
-                         text=True, timeout=400, env=dict(_env(), DEVICE="cpu", OUT=str(out), WORK=str(work)))
+                         text=True, timeout=600, env=dict(_env(), DEVICE="cpu", OUT=str(out), WORK=str(work),
+                                                          GPU_CHECK_TIME_SCALE=str(TIME_SCALE)))
     results = json.loads((out / "results.json").read_text())
     return out, results, res
 
@@ -53,7 +57,8 @@ def test_small_mode_writes_summary_json_and_logs(small_run):
         assert part["status"] in ("pass", "fail", "skip"), name
         assert f"| {name} | **{part['status']}** |" in summary
         assert f"===== {name} ({part['status']}) =====" in (out / "logs.txt").read_text()
-    assert results["mode"] == "small" and results["total_seconds"] < gpu_check.TOTAL_BUDGET["small"] + 30
+    assert results["mode"] == "small"
+    assert results["total_seconds"] < gpu_check.TOTAL_BUDGET["small"] * TIME_SCALE + 30
     assert res.returncode == (1 if any(p["status"] == "fail" for p in results["parts"].values()) else 0)
     for title in ("## Criteria in bf16 against fp32", "## bench_mcw", "## bench_step", "## bench_criteria",
                   "## bench_generation"):
@@ -104,7 +109,7 @@ def test_small_mode_training_resumed_and_evaluated(small_run):
 
 def _check(tmp_path, budget=60.0):
     args = argparse.Namespace(small=True, out=str(tmp_path / "out"), work=str(tmp_path / "work"), budget=budget,
-                              parts=["env", "setup", "x", "y"], tokenizers="tiny", jobs=None)
+                              parts=["env", "setup", "x", "y"], tokenizers="tiny", jobs=None, time_scale=1.0)
     c = gpu_check.Check(args)
     c.logs.mkdir(parents=True)
     return c
