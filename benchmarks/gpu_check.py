@@ -40,6 +40,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -159,8 +160,8 @@ class Check:
         res["seconds"] = round(time.monotonic() - t0, 1)
         res["log"] = log.name
         self.results[name] = res
-        print(f"[gpu_check] {name}: {res['status']} ({res['seconds']} s){' - ' + res['reason'] if res.get('reason') else ''}",
-              flush=True)
+        why = f" - {res['reason']}" if res.get("reason") else ""
+        print(f"[gpu_check] {name}: {res['status']} ({res['seconds']} s){why}", flush=True)
         return res
 
     def budget(self, key: str) -> float:
@@ -203,7 +204,7 @@ class Check:
                "--tokenizers", self.args.tokenizers] + (["--small"] if self.mode == "small" else [])
         rc, _ = self.run(cmd, log, self.budget("setup"))
         if rc != 0:
-            return _failed(rc)
+            return _failed(rc, log=log)
         return {"status": "pass", "info": json.loads((self.work / "setup.json").read_text())}
 
     def part_criteria(self, log: Path) -> dict:
@@ -215,7 +216,7 @@ class Check:
                "--device", self.device, "--length", str(length), "--batch", str(batch)]
         rc, _ = self.run(cmd, log, self.budget("criteria"))
         if not out.is_file():
-            return _failed(rc)
+            return _failed(rc, log=log)
         data = json.loads(out.read_text())
         bad = [r["criterion"] for r in data["rows"] if r["status"] != "pass"]
         return {"status": "fail" if bad or rc != 0 else "pass",
@@ -246,11 +247,11 @@ class Check:
         script = ["bash", TRAIN[criterion]]
         rc, _ = self.run(script, log, limit, self.env(**env, EXTRA_ARGS=" ".join(common + ["--max-steps", str(half)])))
         if rc != 0:
-            return _failed(rc, "first run")
+            return _failed(rc, "first run", log)
         first = _train_rows(run_dir)
         rc, _ = self.run(script, log, t_end - time.monotonic(), self.env(**env, RESUME=1, EXTRA_ARGS=" ".join(common)))
         if rc != 0:
-            return _failed(rc, "resumed run")
+            return _failed(rc, "resumed run", log)
         rows = _train_rows(run_dir)
         losses = [r.get("loss") for r in rows]
         checks = {
@@ -284,10 +285,11 @@ class Check:
         if name == "bench_generation":
             if self.results.get("setup", {}).get("status") != "pass":
                 return {"status": "skip", "reason": "setup did not pass"}
-            args += ["--hub", str(self.work / "hub"), "--data", str(self.work / "tiny" / "data" / "tiny" / "valid.jsonl")]
+            data = self.work / "tiny" / "data" / "tiny" / "valid.jsonl"
+            args += ["--hub", str(self.work / "hub"), "--data", str(data)]
         rc, _ = self.run([PY, f"benchmarks/{name}.py", *args, "--json", str(out)], log, self.budget(name))
         if rc != 0 or not out.is_file():
-            return _failed(rc)
+            return _failed(rc, log=log)
         text = out.read_text()
         rows = json.loads(text) if name != "bench_generation" else [json.loads(x) for x in text.splitlines() if x]
         return {"status": "pass", "rows": rows}
@@ -346,8 +348,9 @@ def _missing_modules() -> dict:
 
 def _import_errors(env: dict) -> dict:
     """{module: error} for the runtime modules that fail to import (one fresh interpreter)."""
-    code = ("import importlib, json, sys\nerr = {}\nfor m in sys.argv[1:]:\n    try:\n        importlib.import_module(m)\n"
-            "    except Exception as e:\n        err[m] = f'{type(e).__name__}: {e}'[:300]\nprint(json.dumps(err))")
+    code = ("import importlib, json, sys\nerr = {}\nfor m in sys.argv[1:]:\n    try:\n"
+            "        importlib.import_module(m)\n    except Exception as e:\n"
+            "        err[m] = f'{type(e).__name__}: {e}'[:300]\nprint(json.dumps(err))")
     res = subprocess.run([PY, "-c", code, *RUNTIME_MODULES], env=env, capture_output=True, text=True, timeout=180)
     lines = res.stdout.strip().splitlines()
     return json.loads(lines[-1]) if res.returncode == 0 and lines else {"python": res.stderr[-300:]}
@@ -359,9 +362,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _failed(rc, what: str = "") -> dict:
+def _failed(rc, what: str = "", log: Path | None = None) -> dict:
     why = "timed out (hard limit)" if rc is None else f"exit status {rc}"
-    return {"status": "fail", "reason": f"{what + ': ' if what else ''}{why}; see logs.txt"}
+    err = _last_error(log) if log is not None else ""
+    return {"status": "fail", "reason": f"{what + ': ' if what else ''}{why}{' (' + err + ')' if err else ''}; "
+                                        "see logs.txt"}
+
+
+def _last_error(log: Path) -> str:
+    """The last line of ``log`` that names an exception (``SomethingError: ...``), shortened."""
+    for line in reversed(_read(log).splitlines()):
+        m = re.search(r"\b([A-Z]\w*(Error|Exception))\b.*", line)
+        if m:
+            return m.group(0)[:200]
+    return ""
 
 
 def _read(p: Path) -> str:

@@ -176,13 +176,13 @@ def long_examples(src: Path, out: Path, n: int) -> Path:
     return out / "train.jsonl"
 
 
-def _batch(path: Path, s_tok, t_tok, length: int, batch: int, device: str):
+def _batch(path: Path, s_tok, t_tok, length: int, batch: int, device: str, cache: Path):
     from mckd.data import DistillCollator, build_dataset
     from mckd.data.alignment import KNOWN_ALIGNMENTS
 
     align = KNOWN_ALIGNMENTS if t_tok is not s_tok else ()
     ds = build_dataset(path, student_tokenizer=s_tok, teacher_tokenizer=t_tok, max_length=length,
-                       max_prompt_length=length // 2, alignment=align)
+                       max_prompt_length=length // 2, alignment=align, cache_dir=cache)
     b = DistillCollator(s_tok.pad_token_id, t_tok.pad_token_id, alignment=align)([ds[i] for i in range(batch)])
     return {k: v.to(device) for k, v in b.items()}
 
@@ -248,7 +248,8 @@ def criteria(args) -> dict:
         teachers[name] = (t.to(device).eval(), t_tok)
     student = student.to(device)
     data = long_examples(work / "tiny" / "data" / "tiny" / "train.jsonl", work / "data_long", args.batch)
-    batches = {name: _batch(data, s_tok, tok, args.length, args.batch, device) for name, (_, tok) in teachers.items()}
+    batches = {name: _batch(data, s_tok, tok, args.length, args.batch, device, work / "cache")
+               for name, (_, tok) in teachers.items()}
     low = {name: copy.deepcopy(t).to(torch.bfloat16) for name, (t, _) in teachers.items()}
     names = [n for n in known_criteria() if not args.only or n in args.only]
     rows = []
@@ -314,7 +315,8 @@ def main(argv=None) -> int:
     s = sub.add_parser("setup")
     s.add_argument("--work", required=True)
     s.add_argument("--small", action="store_true")
-    s.add_argument("--tokenizers", default="auto", help="auto, tiny, or a folder with gpt2/gpt2-base and qwen/Qwen1.5-1.8B")
+    s.add_argument("--tokenizers", default="auto",
+                   help="auto, tiny, or a folder with gpt2/gpt2-base and qwen/Qwen1.5-1.8B")
     c = sub.add_parser("criteria")
     c.add_argument("--work", required=True)
     c.add_argument("--json", required=True)

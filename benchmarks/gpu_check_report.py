@@ -78,7 +78,7 @@ def criteria_lines(data) -> list[str]:
             lines.append(f"| {r['criterion']} | {r.get('T_s')} / {r.get('T_t')} | - | - | - | - | "
                          f"fail: {r['error'][:160]} |")
             continue
-        cells = [f"{_f(r[m]['abs_dev'], 4)} / {_f(r[m]['tol'], 4)}, {_f(r[m]['grad_cos'], 4)}"
+        cells = [f"{_f(r[m]['abs_dev'], 4)} / {_f(r[m]['tol'], 4)}, {_f(r[m]['grad_cos'], 5)}"
                  for m in ("autocast", "bf16")]
         syncs = r["bf16"].get("host_syncs")
         lines.append(f"| {r['criterion']} | {r['T_s']} / {r['T_t'] or '-'} | {_f(r['fp32']['loss'], 4)} | "
@@ -96,8 +96,10 @@ def write_outputs(out: Path, results: dict, logs: Path, *, total: float, mode: s
           "Versions: " + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items())
           + "; minimum accepted: " + ", ".join(f"{k} {v}" for k, v in env.get("minimum", {}).items()), ""]
     if setup:
-        md += [f"Models: student {setup['student']}, teacher {setup['teacher']} (random init, saved in "
-               f"{setup['saved_dtype']}); {setup['tokenizers']}.", ""]
+        def shape(m):
+            return f"{m['layers']} layers, hidden {m['hidden']}, V {m['vocab']}"
+        md += [f"Models (random init, saved in {setup['saved_dtype']}): student GPT-2 {shape(setup['student'])}; "
+               f"teacher Qwen2 {shape(setup['teacher'])}; {setup['tokenizers']}.", ""]
     md += ["| part | status | seconds | notes |", "|---|---|---|---|"]
     for name, r in results.items():
         note = r.get("reason") or ""
@@ -105,8 +107,10 @@ def write_outputs(out: Path, results: dict, logs: Path, *, total: float, mode: s
             note = (f"{r['steps']} steps, loss {_f(r['loss_first'], 3)} -> {_f(r['loss_last'], 3)}, "
                     f"resumed, {r['checkpoint']}, eval ROUGE-L {_f(r.get('eval_rougeL'), 2)}")
         md.append(f"| {name} | **{r['status']}** | {r['seconds']} | {note} |")
-    sections = (("criteria", "Criteria in bf16 against fp32 (B x L, real data pipeline)", lambda r: criteria_lines(r["data"])),
-                ("bench_mcw", "bench_mcw: MCW-KD vs the published formulation and DSKD-CMA", lambda r: mcw_lines(r["rows"])),
+    sections = (("criteria", "Criteria in bf16 against fp32 (B x L, real data pipeline)",
+                 lambda r: criteria_lines(r["data"])),
+                ("bench_mcw", "bench_mcw: MCW-KD vs the published formulation and DSKD-CMA",
+                 lambda r: mcw_lines(r["rows"])),
                 ("bench_step", "bench_step: whole training step", lambda r: step_lines(r["rows"])),
                 ("bench_criteria", "bench_criteria: every criterion, time and peak memory",
                  lambda r: criteria_bench_lines(r["rows"])),

@@ -14,7 +14,8 @@ BASE_PATH=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 : "${OUT_DIR:=${BASE_PATH}/.cache/gpu_check_wheels}"
 : "${PY_VERSION:=3.12}"
 : "${PYTHON:=python}"
-: "${PACKAGES:=deepspeed hjson pydantic pydantic-core annotated-types typing-inspection datasets dill multiprocess rapidfuzz rouge-score nltk}"
+: "${PACKAGES:=deepspeed hjson pydantic pydantic-core annotated-types typing-inspection datasets dill multiprocess
+  rapidfuzz rouge-score nltk}"
 mkdir -p "${OUT_DIR}"
 for pkg in ${PACKAGES}; do
   ver=$("${PYTHON}" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "${pkg}") \
