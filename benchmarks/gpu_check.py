@@ -401,6 +401,11 @@ def main(argv=None) -> int:
     p.add_argument("--time-scale", type=float, default=float(os.environ.get("GPU_CHECK_TIME_SCALE", 1.0)),
                    help="multiply every time limit (a loaded CI machine; default 1, env GPU_CHECK_TIME_SCALE)")
     args = p.parse_args(argv)
+    known = {"env", "setup", "criteria", "train", "bench_mcw", "bench_step", "bench_criteria", "bench_generation"}
+    known |= {f"train:{c}:{e}" for c in TRAIN for e in ENGINES}
+    bad = [x for x in args.parts if x not in known]
+    if bad:
+        p.error(f"--parts {' '.join(bad)}: unknown; choose from {', '.join(sorted(known))}")
     args.small = args.small or os.environ.get("DEVICE", "").lower() == "cpu"
     args.work = args.work or str(ROOT / "outputs" / "gpu_check_work")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
