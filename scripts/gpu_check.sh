@@ -29,10 +29,13 @@ export PYTHON OUT
 if compgen -G "${GPU_CHECK_WHEELS}/*.whl" >/dev/null; then
   SITE="${TMPDIR:-/tmp}/mckd_gpu_check_site"
   echo "[gpu_check] installing the wheels of ${GPU_CHECK_WHEELS} into ${SITE}" >&2
-  "${PYTHON}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "${SITE}" "${GPU_CHECK_WHEELS}"/*.whl
-  export PYTHONPATH="${SITE}${PYTHONPATH:+:${PYTHONPATH}}"
-  export PATH="${SITE}/bin:${PATH}"
+  if "${PYTHON}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "${SITE}" "${GPU_CHECK_WHEELS}"/*.whl; then
+    export PYTHONPATH="${SITE}${PYTHONPATH:+:${PYTHONPATH}}"
+    export PATH="${SITE}/bin:${PATH}"
+  else  # e.g. wheels for another Python: the env part then reports what cannot be imported
+    echo "[gpu_check] warning: installing the wheels failed; continuing with the installed packages" >&2
+  fi
 fi
 
 ARGS=(--out "${OUT}" --work "${WORK}")

@@ -40,7 +40,8 @@ def small_run(tmp_path_factory):
     out, work = base / "out", base / "work"
     res = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=ROOT, capture_output=True,
                          text=True, timeout=600, env=dict(_env(), DEVICE="cpu", OUT=str(out), WORK=str(work),
-                                                          GPU_CHECK_TIME_SCALE=str(TIME_SCALE)))
+                                                          GPU_CHECK_TIME_SCALE=str(TIME_SCALE),
+                                                          GPU_CHECK_WHEELS=str(base / "no_wheels")))
     results = json.loads((out / "results.json").read_text())
     return out, results, res
 
