@@ -28,8 +28,8 @@ the next part still runs):
 timed); the benchmarks run last, one at a time, alone on the device (in the small CPU mode, whose
 timings mean nothing, they share the concurrent phase).
 
-Output (``--out``, default ``outputs/gpu_check``; three files, so the whole folder fits what a
-device session returns): ``summary.md`` (pass/fail per part, the benchmark tables, the targets,
+Output (``--out``, default ``outputs/gpu_check``; three files, so that a remote runner returning
+only a few files gets everything): ``summary.md`` (pass/fail per part, the benchmark tables, the targets,
 device and versions), ``results.json`` (every part's status, reason, time and raw rows) and
 ``logs.txt`` (the end of every part's console output). Scratch (models, runs, caches) goes to
 ``--work`` (default ``outputs/gpu_check_work``), which is emptied first.

@@ -8,7 +8,7 @@
 # rouge-score) are built here into pure-Python wheels (DeepSpeed without precompiled ops; it picks
 # the CUDA accelerator at run time and compiles no op for this check's torch AdamW).
 # Environment: OUT_DIR (default .cache/gpu_check_wheels), PY_VERSION (default 3.12), PACKAGES (default:
-# what the CUDA image lent here lacks of requirements.txt, with DeepSpeed's and datasets' own needs).
+# what the targeted CUDA image lacks of requirements.txt, with DeepSpeed's and datasets' own needs).
 set -euo pipefail
 BASE_PATH=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 : "${OUT_DIR:=${BASE_PATH}/.cache/gpu_check_wheels}"

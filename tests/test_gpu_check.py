@@ -1,6 +1,6 @@
 """The prepared GPU check (scripts/gpu_check.sh): its CPU small mode runs every part end to end
 (criteria in bf16 against fp32, the benchmarks at tiny sizes, training with plain torch and
-DeepSpeed ZeRO-2/3 + resume + run_eval.sh) so the script cannot rot between device sessions; the
+DeepSpeed ZeRO-2/3 + resume + run_eval.sh) so the script cannot rot between runs on a GPU; the
 part runner isolates failures and enforces its time limits; the CUDA mode runs where a GPU is."""
 from __future__ import annotations
 
