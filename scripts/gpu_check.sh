@@ -14,7 +14,7 @@
 #                     and ../shared/model_hub; none: the embedded default's tokenizers
 #   GPU_CHECK_WHEELS  folder of wheels installed first (pip --no-index --target, default
 #                     .cache/gpu_check_wheels when it exists): packages the machine lacks, e.g. deepspeed
-#   GPU_CHECK_TIME_SCALE  multiply every time limit (default 1; the CI test uses 2 on shared cores)
+#   GPU_CHECK_TIME_SCALE  multiply every time limit (default 1; the CI test uses 3 on shared cores)
 #   PYTHON            python executable (default: python3, else python)
 # Extra arguments go to benchmarks/gpu_check.py (--parts, --budget, --jobs, --tokenizers).
 set -euo pipefail

@@ -22,9 +22,10 @@ import gpu_check  # noqa: E402
 
 PARTS = ["env", "setup", "criteria", *(f"train:{c}:{e}" for c, e in gpu_check.CHAINS["small"]),
          "bench_mcw", "bench_step", "bench_criteria", "bench_generation"]
-# CI shares two cores with the rest of the suite: the limits are doubled so that load does not kill
-# parts; the check's own time is asserted against the doubled total.
-TIME_SCALE = 2.0
+# CI shares two cores with the rest of the suite (and measured load averages of 8-12 on the shared
+# development machine tripled the wall time): the limits are tripled so that load does not kill
+# parts; the check's own time is asserted against the tripled total.
+TIME_SCALE = 3.0
 ZERO3_DTYPES = ("ZeRO-3 with bf16: DeepSpeed leaves parameters made outside zero.Init uncast, so the "
                 "criterion's fp32 projectors sit beside the bf16-partitioned student and ZeRO-3's "
                 "defragment asserts one dtype (AssertionError in deepspeed/runtime/zero/utils.py)")
@@ -39,7 +40,7 @@ def small_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("gpu_check")
     out, work = base / "out", base / "work"
     res = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=ROOT, capture_output=True,
-                         text=True, timeout=600, env=dict(_env(), DEVICE="cpu", OUT=str(out), WORK=str(work),
+                         text=True, timeout=900, env=dict(_env(), DEVICE="cpu", OUT=str(out), WORK=str(work),
                                                           GPU_CHECK_TIME_SCALE=str(TIME_SCALE),
                                                           GPU_CHECK_WHEELS=str(base / "no_wheels")))
     results = json.loads((out / "results.json").read_text())
