@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from mckd.data.prompts import build_prompt_dataset
 from mckd.evaluation.distributed import DistContext
 from mckd.evaluation.generate import batch_seed, generate_one_batch, generation_kwargs, plan_batches
+from mckd.evaluation.loading import CheckpointError
 from mckd.evaluation.metrics import exact_match, rouge_l
 
 logger = logging.getLogger(__name__)
@@ -289,7 +290,26 @@ def _plan_jobs(cfg: EvalConfig, info, out_dir: Path) -> tuple[list, str | None]:
 
 
 def run_evaluation(cfg: EvalConfig, ctx: DistContext) -> dict | None:
-    """Evaluate every (dataset, seed) pair of ``cfg`` and write the aggregate. Returns it on rank 0."""
+    """Evaluate every (dataset, seed) pair of ``cfg`` and write the aggregate. Returns it on rank 0.
+
+    The checkpoint is pinned meanwhile (:func:`mckd.train.rundir.pin_checkpoint`): a training run
+    that prunes checkpoints leaves it alone, and a checkpoint that disappears anyway is an error
+    (never a partial table)."""
+    import contextlib
+
+    from mckd.train.rundir import RunDirError, pin_checkpoint
+
+    pin = contextlib.nullcontext()
+    if ctx.is_main:
+        pin = pin_checkpoint(cfg.ckpt)
+    try:
+        with pin:
+            return _run_evaluation(cfg, ctx)
+    except RunDirError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _run_evaluation(cfg: EvalConfig, ctx: DistContext) -> dict | None:
     from mckd.evaluation.loading import load_for_eval, pick_dtype, resolve_checkpoint
     from mckd.evaluation.results import write_results
 
