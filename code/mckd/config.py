@@ -469,9 +469,12 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
           f"{t.save_dir!r} cannot be created: {parent} is not a directory")
     _need(os.access(parent, os.W_OK | os.X_OK), "--save-dir", f"{parent} is not writable")
     _need(os.path.isdir(d.data_dir), "--data-dir", f"directory {d.data_dir!r} does not exist")
-    for split in ("train", "dev"):
+    from mckd.data.examples import read_examples
+
+    for split, limit in (("train", d.train_num), ("dev", d.dev_num)):
         f = os.path.join(d.data_dir, f"{split}.jsonl")
         _need(os.path.isfile(f), "--data-dir", f"{f} does not exist")
+        read_examples(f, limit=limit)  # DataFormatError naming file and line, before anything is written
     if dist.deepspeed_config is not None:
         _need(os.path.isfile(dist.deepspeed_config), "--deepspeed_config",
               f"file {dist.deepspeed_config!r} does not exist")

@@ -14,9 +14,11 @@
 # BUILD_ARGS (extra mckd.tiny.build flags, e.g. "--train-size 8000"), OUT (outputs/tiny),
 # EVAL_SEEDS ("10"), EVAL_NUM (test examples, -1 = all), EVAL_ARGS (extra evaluate.py flags),
 # TEACHER_ARGS / STUDENT_ARGS (extra distillation.py flags of the stage), plus every variable of
-# scripts/tiny/train.sh and scripts/lib/common.sh (GPUS, LR, BATCH_SIZE, ...). A stage whose
-# run directory already holds a checkpoint is reused (unless the assets were rebuilt after it);
-# delete outputs/tiny to start over.
+# scripts/tiny/train.sh and scripts/lib/common.sh (GPUS, LR, BATCH_SIZE, ...). Each stage looks at
+# the state its run recorded (python -m mckd.train.rundir state): a finished run is reused, an
+# unfinished one (interrupted, killed) is resumed, a diverged one - or one older than the
+# rebuilt assets - is moved aside (RUN_DIR.old-<date>) and retrained; delete outputs/tiny to
+# start over.
 set -euo pipefail
 BASE_PATH=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 TRAIN="${BASE_PATH}/scripts/tiny/train.sh"
@@ -38,26 +40,32 @@ export PYTHONPATH="${BASE_PATH}/code${PYTHONPATH:+:${PYTHONPATH}}"
 : "${OUT:=${BASE_PATH}/outputs/tiny}"
 say() { echo "[tiny] $*" >&2; }
 best() { "${PYTHON}" "${BASE_PATH}/scripts/lib/find_checkpoint.py" "$1" || true; }
+run_state() { "${PYTHON}" -m mckd.train.rundir state "$1"; }
+set_aside() { "${PYTHON}" -m mckd.train.rundir set-aside "$1"; }
 
-# stage NAME RUN_DIR ENV... : train unless RUN_DIR already holds a checkpoint; print the best one
+# stage NAME RUN_DIR ENV... : reuse a finished run, resume an unfinished one, retrain a diverged
+# or stale one; print the best checkpoint
 stage() {
-  local name=$1 dir=$2 ckpt; shift 2
-  ckpt=$(best "${dir}")
-  if [[ -n "${ckpt}" && "${MANIFEST}" -nt "${ckpt}" ]]; then
-    # the assets were rebuilt after this run: its model and data are stale
-    say "${name}: assets rebuilt since ${ckpt}; moving the old run to ${dir}.stale-$$ and retraining"
-    mv "${dir}" "${dir}.stale-$$"
-    ckpt=""
+  local name=$1 dir=$2 state ckpt resume=0; shift 2
+  state=$(run_state "${dir}")
+  if [[ "${state}" != empty && -f "${dir}/args.json" && "${MANIFEST}" -nt "${dir}/args.json" ]]; then
+    state=stale   # the assets were rebuilt after this run: its model and data are stale
   fi
-  if [[ -n "${ckpt}" ]]; then
-    say "${name}: reusing ${ckpt}"
-  else
-    say "${name}: training into ${dir}"
-    local resume=0
-    [[ -d "${dir}" ]] && resume=1   # an interrupted run: continue it
-    env SAVE_PATH="${dir}" RESUME="${resume}" "$@" bash "${TRAIN}" >&2
-    ckpt=$(best "${dir}")
-    [[ -n "${ckpt}" ]] || { say "error: ${name} produced no checkpoint in ${dir}"; exit 1; }
+  case "${state}" in
+    finished) ckpt=$(best "${dir}")
+              if [[ -n "${ckpt}" ]]; then say "${name}: reusing ${ckpt}"; echo "${ckpt}"; return; fi
+              say "${name}: ${dir} finished without a usable checkpoint; moving it aside"
+              set_aside "${dir}" >/dev/null ;;
+    diverged|stale) say "${name}: the run in ${dir} is ${state}; moved to $(set_aside "${dir}"), retraining" ;;
+    unfinished) say "${name}: resuming the unfinished run in ${dir}"; resume=1 ;;
+    *) say "${name}: training into ${dir}" ;;
+  esac
+  env SAVE_PATH="${dir}" RESUME="${resume}" "$@" bash "${TRAIN}" >&2 || true
+  state=$(run_state "${dir}")
+  ckpt=$(best "${dir}")
+  if [[ "${state}" != finished || -z "${ckpt}" ]]; then
+    say "error: ${name} did not finish (${state}) in ${dir}; see ${dir}/train.log"
+    exit 1
   fi
   echo "${ckpt}"
 }

@@ -87,8 +87,8 @@ def resolve_checkpoint(ckpt: str | os.PathLike, base_model_path: str | None = No
         raise CheckpointError(f"{cfg_file}: no 'model_type'")
     tok_dir = path if has_tokenizer_files(path) else model_dir
     if not has_tokenizer_files(tok_dir):
-        raise CheckpointError(f"neither {path} nor {model_dir} has tokenizer files (tokenizer.json, "
-                              "tokenizer_config.json, ...)")
+        where = str(path) if model_dir == path else f"{path} or its base model {model_dir}"
+        raise CheckpointError(f"no tokenizer files (tokenizer.json, tokenizer_config.json, ...) in {where}")
     return CheckpointInfo(path=path, is_lora=adapter_cfg.is_file(), model_dir=model_dir,
                           tokenizer_dir=tok_dir, model_type=model_type)
 

@@ -297,21 +297,8 @@ def run_evaluation(cfg: EvalConfig, ctx: DistContext) -> dict | None:
     (never a partial table)."""
     import contextlib
 
+    from mckd.evaluation.loading import resolve_checkpoint
     from mckd.train.rundir import RunDirError, pin_checkpoint
-
-    pin = contextlib.nullcontext()
-    if ctx.is_main:
-        pin = pin_checkpoint(cfg.ckpt)
-    try:
-        with pin:
-            return _run_evaluation(cfg, ctx)
-    except RunDirError as e:
-        raise CheckpointError(str(e)) from None
-
-
-def _run_evaluation(cfg: EvalConfig, ctx: DistContext) -> dict | None:
-    from mckd.evaluation.loading import load_for_eval, pick_dtype, resolve_checkpoint
-    from mckd.evaluation.results import write_results
 
     info = resolve_checkpoint(cfg.ckpt, cfg.base_model_path)
     out_dir = cfg.resolved_out_dir()
@@ -321,6 +308,17 @@ def _run_evaluation(cfg: EvalConfig, ctx: DistContext) -> dict | None:
     jobs, error = ctx.broadcast_from_main(plan)
     if error:
         raise EvalSetupError(error)
+    pin = pin_checkpoint(cfg.ckpt) if ctx.is_main else contextlib.nullcontext()
+    try:
+        with pin:
+            return _run_evaluation(cfg, ctx, info, out_dir, jobs)
+    except RunDirError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _run_evaluation(cfg: EvalConfig, ctx: DistContext, info, out_dir: Path, jobs: list) -> dict | None:
+    from mckd.evaluation.loading import load_for_eval, pick_dtype
+    from mckd.evaluation.results import write_results
     if jobs:
         model, tokenizer = load_for_eval(info, device=ctx.device, dtype=pick_dtype(cfg.dtype, ctx.device))
         cache: dict[str, PromptSet] = {}

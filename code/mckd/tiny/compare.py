@@ -41,6 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from mckd.train.checkpoint import run_state
+from mckd.train.rundir import set_aside
+
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[3]
 TEACHERS = {"same": "teacher_same_vocab", "cross": "teacher"}
@@ -157,10 +160,9 @@ def best_checkpoint(run_dir: Path) -> str | None:
 
 
 def finished(run_dir: Path) -> bool:
-    """True when the run in ``run_dir`` ended (its train.log says so); a run with epoch
-    checkpoints but no end is unfinished and is resumed, never reused."""
-    log = Path(run_dir) / "train.log"
-    return log.is_file() and "training done at step" in log.read_text()
+    """True when the run in ``run_dir`` recorded its end (:func:`mckd.train.checkpoint.run_state`);
+    an unfinished run is resumed, a diverged one moved aside and retrained, never reused."""
+    return run_state(run_dir).status == "finished"
 
 
 def _train(stage: Stage) -> Stage:
@@ -174,7 +176,9 @@ def _train(stage: Stage) -> Stage:
     env = {"PYTHON": sys.executable,   # the stages use this interpreter unless PYTHON says otherwise
            **os.environ, "GPUS": "", "OMP_NUM_THREADS": "1", "SAVE_PATH": str(stage.run_dir),
            **{k: str(v) for k, v in stage.env.items()}}
-    if stage.run_dir.is_dir():
+    if run_state(stage.run_dir).status == "diverged":
+        logger.info("%s: the run diverged; moved to %s, retraining", stage.name, set_aside(stage.run_dir))
+    if run_state(stage.run_dir).status == "unfinished":
         env["RESUME"] = "1"   # an interrupted run: continue it
     stage.run_dir.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

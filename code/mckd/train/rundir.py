@@ -262,6 +262,7 @@ def prepare_run_dir(save_dir: str | os.PathLike, *, overwrite: bool, resume: boo
     d = Path(save_dir)
     if d.exists() and not d.is_dir():
         raise RunDirError(f"--save-dir: {d} exists and is not a directory")
+    _check_empty(d, resume=resume, overwrite=overwrite)  # before the lock: a refusal touches nothing
     created = False
     if not d.exists():
         try:
@@ -281,13 +282,23 @@ def prepare_run_dir(save_dir: str | os.PathLike, *, overwrite: bool, resume: boo
             with contextlib.suppress(OSError):
                 d.rmdir()
         raise
+    try:
+        _check_empty(d, resume=resume, overwrite=overwrite)  # again, now that the lock is held
+    except RunDirError:
+        lock.release()
+        raise
+    entries = run_entries(d)
+    return PreparedRunDir(lock=lock, created=created, pending_overwrite=bool(overwrite and entries))
+
+
+def _check_empty(d: Path, *, resume: bool, overwrite: bool) -> None:
     entries = run_entries(d)
     if entries and not resume and not overwrite:
-        lock.release()
+        holder = _read_json(d / LOCK_NAME)
+        busy = f"; it is in use by {describe(holder)}" if holder_is_live(holder) else ""
         raise RunDirError(f"--save-dir: {d} is not empty ({', '.join(entries[:4])}"
-                          f"{', ...' if len(entries) > 4 else ''}); pass --resume to continue the run "
-                          "there or --overwrite to move it aside and start a new one")
-    return PreparedRunDir(lock=lock, created=created, pending_overwrite=bool(overwrite and entries))
+                          f"{', ...' if len(entries) > 4 else ''}){busy}; pass --resume to continue "
+                          "the run there or --overwrite to move it aside and start a new one")
 
 
 def check_free_space(directory: str | os.PathLike, need_bytes: int, what: str) -> None:
