@@ -131,8 +131,7 @@ class PoisonAt(Criterion):
 
     def forward(self, batch, student, teacher):
         if PoisonAt.calls == PoisonAt.call:
-            with torch.no_grad():
-                student.lm_head.weight.fill_(float("nan"))
+            student.lm_head.weight.data.fill_(float("nan"))  # .data: outside autograd's view
         PoisonAt.calls += 1
         loss, n = _ce_sum(student.logits, batch["labels"])
         return CriterionOutput(loss, n, {})

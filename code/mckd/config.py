@@ -520,7 +520,7 @@ def validate_criterion_args(args: dict[str, Any], crit_cls: type) -> None:
 # Settings a resumed run may change (they do not alter what is learned or the data order);
 # every other setting must equal the run's args.json.
 RESUME_MAY_CHANGE: dict[str, frozenset] = {
-    "train": frozenset({"save_dir", "overwrite", "resume", "max_steps", "log_interval",
+    "train": frozenset({"save_dir", "max_steps", "log_interval",
                         "keep_best_n_checkpoints", "nan_patience", "divergence_threshold",
                         "divergence_patience", "save_interval", "eval_interval"}),
     "data": frozenset({"num_workers"}),
@@ -549,7 +549,7 @@ def resume_changes(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
     for section in (*SECTIONS, "criterion_args"):
         old, new = saved.get(section) or {}, now[section]
         for k, v in new.items():
-            if k not in old or _comparable(old[k]) == _comparable(v):
+            if k in ("resume", "overwrite") or k not in old or _comparable(old[k]) == _comparable(v):
                 continue
             text = f"--{k.replace('_', '-')} {old[k]!r} -> {v!r}"
             (applied if k in RESUME_MAY_CHANGE.get(section, ()) else refused).append(text)

@@ -449,14 +449,13 @@ class Trainer:
                         bar.update(1)
                 step = st["global_step"]
                 step_loss, stop = self._step_signals(signals)
-                if not skipped:
-                    why = self.divergence.update(step_loss)
-                    st.update(self.divergence.state())
-                    if why is not None:
-                        self._diverged(f"step {step}: {why}")
-                if not skipped and (step % t.log_interval == 0 or step == self.run_steps):
+                why = None if skipped else self.divergence.update(step_loss)
+                st.update(self.divergence.state())
+                if not skipped and (why is not None or step % t.log_interval == 0 or step == self.run_steps):
                     last_log_t = self._log(acc, hooks, norm, last_log_t, bar)
                     acc, hooks = {}, {}
+                if why is not None:
+                    self._diverged(f"step {step}: {why}")
                 epoch_done = st["consumed"] >= self.ipe * gas
                 if epoch_done:
                     st["epoch"] += 1
