@@ -56,11 +56,14 @@ def test_malicious_checkpoint_files_are_refused(tiny_models, data, tmp_path, cap
     for name in ("trainer_state.pt", "criterion.pt", "rng/rank0.pt"):
         original = (ckpt / name).read_bytes()
         torch.save({"optimizer": _Evil(marker)}, ckpt / name)
-        rc = run_distillation([*argv, "--resume"])
-        err = capsys.readouterr().err
-        assert rc == 2 and "refused to load" in err and name.split("/")[-1] in err, err[-1500:]
+        with pytest.raises(ckpt_io.UnsafeCheckpointError, match="refused to load"):
+            ckpt_io.safe_load(ckpt / name)
+        if name == "trainer_state.pt":  # the whole command line
+            rc = run_distillation([*argv, "--resume"])
+            err = capsys.readouterr().err
+            assert rc == 2 and f"{ckpt / name}: refused to load" in err, err[-1500:]
+            assert not (out / "args.resume.json").exists()
         assert not marker.exists()  # the payload never ran
-        assert not (out / "args.resume.json").exists()
         (ckpt / name).write_bytes(original)
     # the untouched checkpoint resumes
     assert run_distillation([*argv, "--resume"]) == 0
@@ -301,8 +304,7 @@ def test_full_disk_is_a_clear_error(tiny_models, data, tmp_path, monkeypatch, ca
     rc = run_distillation(_argv(tiny_models("gpt2"), data, out, "--total-iters", "1"))
     err = capsys.readouterr().err
     assert rc == 2 and "not enough disk space for a checkpoint" in err and "MiB free" in err
-    assert ckpt_io.list_checkpoints(out) == [] and not list(out.glob(".tmp-*"))
-    assert ckpt_io.run_state(out).status == "unfinished"
+    assert not out.exists()  # nothing was saved, so the run left nothing behind
 
 
 # --------------------------------------------------------------------------- run state
@@ -322,3 +324,21 @@ def test_run_state_of_a_directory(tmp_path):
     res = subprocess.run([sys.executable, "-m", "mckd.train.rundir", "state", str(d)], capture_output=True,
                          text=True, env=dict(os.environ, PYTHONPATH=str(ROOT / "code")))
     assert res.stdout.strip() == "finished"
+
+
+def test_a_new_run_failing_before_its_first_checkpoint_leaves_nothing(tiny_models, data, tmp_path, monkeypatch):
+    from mckd.config import parse_config
+    from mckd.train import loop
+
+    def boom(self, micro, acc):
+        raise RuntimeError("out of memory at step 1")
+
+    out = tmp_path / "run"
+    argv = _argv(tiny_models("gpt2"), data, out, "--total-iters", "1")
+    with monkeypatch.context() as m:
+        m.setattr(loop.Trainer, "_step", boom)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            loop.run(parse_config(argv))
+    assert not out.exists()  # the corrected command runs again without --overwrite or --resume
+    assert run_distillation(argv) == 0 and _train_steps(out) == [1]
+    assert (out / "train.log").read_text().count("training done") == 1

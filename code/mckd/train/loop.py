@@ -21,6 +21,7 @@ resumable state after the current step; ``run_state.json`` records how the run e
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -70,6 +71,16 @@ def _setup_file_logging(save_dir: Path) -> None:
     h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(h)
     root.setLevel(min(root.level or logging.INFO, logging.INFO))
+
+
+def _close_file_logging(save_dir: Path) -> None:
+    """Detach the run's train.log handler (a later run in this process may use another directory,
+    or this one after it was moved aside)."""
+    root = logging.getLogger("mckd")
+    for h in [h for h in root.handlers if isinstance(h, logging.FileHandler)
+              and h.baseFilename == os.path.abspath(save_dir / "train.log")]:
+        root.removeHandler(h)
+        h.close()
 
 
 class Trainer:
@@ -219,6 +230,12 @@ class Trainer:
         if self.teacher is not None and not self.crit_cls.cross_tokenizer:
             from mckd.models.tokenizers import vocabulary_difference
 
+            dims_ = loading.read_dims(m.model_path, m.teacher_model_path)
+            if dims_.student_vocab != dims_.teacher_vocab:
+                raise ConfigError(f"--teacher-model-path: criterion {m.criterion!r} needs the teacher "
+                                  f"and student to share one vocabulary, but their vocabulary sizes "
+                                  f"differ ({dims_.teacher_vocab} vs {dims_.student_vocab}); use a "
+                                  "cross-tokenizer criterion")
             diff = vocabulary_difference(self.tokenizer, self.teacher_tokenizer)
             if diff is not None:
                 raise ConfigError(f"--teacher-model-path: criterion {m.criterion!r} needs the teacher "
@@ -599,6 +616,26 @@ class Trainer:
         dist.barrier()
         return path
 
+    def discard_if_nothing_saved(self) -> None:
+        """A new run that failed before its first checkpoint leaves nothing to resume: remove what
+        it wrote so that the corrected command can run again in the same directory."""
+        import shutil
+
+        if not dist.is_main() or ckpt_io.list_checkpoints(self.save_dir):
+            return
+        _close_file_logging(self.save_dir)
+        if getattr(self, "tb", None) is not None:
+            self.tb.close()
+            self.tb = None
+        for name in rundir.run_entries(self.save_dir):
+            p = self.save_dir / name
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        logger.info("nothing was saved: removed the files of this run from %s", self.save_dir)
+        self.run_dir.lock.release()
+        if self.run_dir.created:
+            with contextlib.suppress(OSError):
+                self.save_dir.rmdir()
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
@@ -620,10 +657,13 @@ def run(cfg: Config) -> dict:
                       "interrupted" if isinstance(e, (TrainingInterrupted, KeyboardInterrupt)) else "failed")
             ckpt_io.write_run_state(trainer.save_dir, status, step=trainer.state["global_step"],
                                     message=str(e) or type(e).__name__)
+            if status == "failed" and not cfg.train.resume:
+                trainer.discard_if_nothing_saved()
         raise
     finally:
         if getattr(trainer, "tb", None) is not None:
             trainer.tb.close()
         if getattr(trainer, "run_dir", None) is not None:
             trainer.run_dir.lock.release()
+        _close_file_logging(Path(cfg.train.save_dir))
         dist.cleanup()
