@@ -107,7 +107,7 @@ def test_lock_names_holder_and_stale_lock_is_taken_over(tmp_path, caplog):
     (tmp_path / rundir.LOCK_NAME).write_text(json.dumps({**holder, "pid": dead.pid}))
     with rundir.RunLock(tmp_path):
         assert json.loads((tmp_path / rundir.LOCK_NAME).read_text())["pid"] == os.getpid()
-    assert f"stale lock" in caplog.text and str(dead.pid) in caplog.text
+    assert "stale lock" in caplog.text and str(dead.pid) in caplog.text
 
 
 @pytest.mark.slow
@@ -342,3 +342,16 @@ def test_a_new_run_failing_before_its_first_checkpoint_leaves_nothing(tiny_model
     assert not out.exists()  # the corrected command runs again without --overwrite or --resume
     assert run_distillation(argv) == 0 and _train_steps(out) == [1]
     assert (out / "train.log").read_text().count("training done") == 1
+
+
+def test_a_write_failure_on_a_full_disk_is_named(tmp_path, monkeypatch):
+    import errno
+    import shutil as _shutil
+
+    err = rundir.no_space_error(OSError(errno.ENOSPC, "No space left on device"), tmp_path / "x")
+    assert err is not None and "disk full while writing" in str(err)
+    torch_style = RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    assert rundir.no_space_error(torch_style, tmp_path / "x") is None  # plenty of space here
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: _shutil._ntuple_diskusage(1, 1, 1024))
+    assert "disk full" in str(rundir.no_space_error(torch_style, tmp_path / "x"))
+    assert rundir.no_space_error(RuntimeError("shape mismatch"), tmp_path / "x") is None

@@ -311,6 +311,21 @@ def test_tiny_run_end_to_end(tmp_path):
     again = subprocess.run(["bash", str(copy / "scripts/tiny/run.sh")], env=env, capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0 and again.stderr.count("reusing") == 3
+    # an interrupted stage is resumed, a diverged one moved aside and retrained, from the states
+    # the runs recorded
+    from mckd.train.checkpoint import run_state, write_run_state
+
+    write_run_state(out / "student/sft/run", "interrupted", step=1)
+    write_run_state(out / "student/mcw_kd/run", "diverged", step=1, message="loss diverged")
+    third = subprocess.run(["bash", str(copy / "scripts/tiny/run.sh")], env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert third.returncode == 0, third.stderr[-4000:]
+    assert "teacher SFT: reusing" in third.stderr
+    assert "student SFT: resuming the unfinished run" in third.stderr
+    assert "student mcw_kd: the run in" in third.stderr and "is diverged; moved to" in third.stderr
+    assert [p.name for p in (out / "student/mcw_kd").iterdir() if ".old-" in p.name]
+    for stage in ("teacher/sft/run", "student/sft/run", "student/mcw_kd/run"):
+        assert run_state(out / stage).status == "finished"
 
 
 @pytest.mark.slow

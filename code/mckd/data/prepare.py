@@ -20,7 +20,6 @@ never overwritten unless ``--overwrite`` is given.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging

@@ -31,7 +31,6 @@ CLI::
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging

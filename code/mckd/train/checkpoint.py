@@ -184,7 +184,7 @@ def save_checkpoint(save_dir: str | os.PathLike, name: str, *, engine, student, 
     try:
         _write_checkpoint(tmp, engine=engine, student=student, criterion=criterion, tokenizer=tokenizer,
                           trainer_state=trainer_state, only_save_projector=only_save_projector)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
         err = rundir.no_space_error(e, tmp)
         if err is None:
             raise

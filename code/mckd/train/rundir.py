@@ -309,11 +309,15 @@ def check_free_space(directory: str | os.PathLike, need_bytes: int, what: str) -
                           f"{need_bytes / 2**20:.0f} MiB needed, {free / 2**20:.0f} MiB free")
 
 
-def no_space_error(err: OSError, where: str | os.PathLike) -> RunDirError | None:
-    """A RunDirError for a full disk / quota, else None."""
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return RunDirError(f"disk full while writing {where} ({err.strerror}); free some space and "
-                           "continue with --resume")
+def no_space_error(err: BaseException, where: str | os.PathLike) -> RunDirError | None:
+    """A RunDirError when ``err`` comes from a full disk or quota, else None. ``torch.save`` reports
+    a failed write as a RuntimeError without errno; then the free space decides (< 64 MiB)."""
+    full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not full and isinstance(err, RuntimeError) and "write" in str(err):
+        with contextlib.suppress(OSError):
+            full = shutil.disk_usage(Path(where).parent).free < (64 << 20)
+    if full:
+        return RunDirError(f"disk full while writing {where}; free some space and continue with --resume")
     return None
 
 
