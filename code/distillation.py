@@ -22,7 +22,8 @@ Launch commands (run from the repository root; see docs/training.md for every fl
     python code/distillation.py ... --resume
 
 A knowledge-distillation criterion needs ``--teacher-model-path``; the scripts in scripts/ set all
-of this from environment variables.
+of this from environment variables. Exit status: 0 done, 2 bad input (a one-line message; the
+traceback with ``--debug`` or ``MCKD_DEBUG=1``), 1 stopped by divergence, 130 interrupted.
 """
 from __future__ import annotations
 
@@ -34,22 +35,25 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 bad input (one-line message; traceback with --debug or MCKD_DEBUG=1),
+    1 stopped by divergence or non-finite steps, 130 interrupted (a resumable state is saved)."""
+    from mckd.cli import run_main
+
+    return run_main("distillation.py", _train, argv)
+
+
+def _train(argv: list[str]) -> int:
     from mckd import dist
-    from mckd.config import ConfigError, parse_config
-    from mckd.models.loading import ModelLoadError
+    from mckd.config import parse_config
 
     handler = logging.StreamHandler()
     handler.addFilter(dist.RankZeroFilter())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-    try:
-        cfg = parse_config(argv)
-        from mckd.train.loop import run
+    cfg = parse_config(argv)
+    from mckd.train.loop import run
 
-        run(cfg)
-    except (ConfigError, ModelLoadError, FileNotFoundError) as e:
-        print(f"distillation.py: error: {e}", file=sys.stderr)
-        return 2
+    run(cfg)
     return 0
 
 

@@ -15,7 +15,9 @@ Commands (from the repository root)::
 Protocol defaults (spec 8.2): datasets dolly self-inst vicuna sinst/11_ dialogsum, seeds 10-50,
 prompts <= 256 tokens, 256 new tokens, sampling with top-p 1.0, top-k 0, temperature 1.0,
 no_repeat_ngram_size 6. ``--greedy`` decodes greedily (one pair per dataset). The usual entry is
-``scripts/eval/run_eval.sh CKPT BATCH``; see docs/evaluation.md.
+``scripts/eval/run_eval.sh CKPT BATCH``; see docs/evaluation.md. Exit status 2 with a one-line
+message on bad input (``--debug`` or ``MCKD_DEBUG=1`` adds the traceback). A training checkpoint is
+pinned while it is evaluated: the training run's pruning leaves it alone.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "code"))
 
+from mckd.cli import ArgumentParser, UsageError, run_main  # noqa: E402
+from mckd.config import finite_float  # noqa: E402
 from mckd.evaluation.runner import DEFAULT_DATASETS, DEFAULT_SEEDS, EvalConfig  # noqa: E402
 
 COMMANDS = ("run", "aggregate", "compare")
@@ -44,8 +48,8 @@ def _limit_pair(text: str) -> tuple[str, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
     r = sub.add_parser("run", help="generate and score (dataset, seed) pairs", allow_abbrev=False)
     r.add_argument("--ckpt", required=True, help="checkpoint directory: full HF model or LoRA adapter")
@@ -61,16 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-length", type=int, default=None,
                    help="published form: max_new_tokens = max_length - max_prompt_length")
     r.add_argument("--greedy", action="store_true", help="greedy decoding (one pair per dataset)")
-    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--top-p", type=finite_float, default=1.0)
     r.add_argument("--top-k", type=int, default=0)
-    r.add_argument("--temperature", type=float, default=1.0)
+    r.add_argument("--temperature", type=finite_float, default=1.0)
     r.add_argument("--no-repeat-ngram-size", type=int, default=6)
     r.add_argument("--dev-num", type=int, default=-1, help="evaluate the first N examples of each set (-1: all)")
     r.add_argument("--dataset-limit", type=_limit_pair, action="append", default=[],
                    help="per-dataset cap DATASET=N (the published scripts cap uinst/11_ at 10000)")
     r.add_argument("--no-lm-loss", action="store_true", help="skip the teacher-forced loss on the reference")
     r.add_argument("--overwrite", action="store_true", help="redo pairs that are already finished")
-    r.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16/fp16 on GPU), fp32, bf16, fp16")
+    r.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="auto (fp32 on CPU, bf16/fp16 on GPU), fp32, bf16, fp16")
     r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
 
     a = sub.add_parser("aggregate", help="rebuild results.json/results.md of an eval directory")
@@ -87,15 +92,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _need(cond: bool, flag: str, msg: str) -> None:
+    if not cond:
+        raise UsageError(f"{flag}: {msg}")
+
+
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    """Validate the ``run`` flags (before anything is loaded or written) and build the config."""
     max_new = args.max_new_tokens
     if args.max_length is not None:
         max_new = args.max_length - args.max_prompt_length
-        if max_new <= 0:
-            raise SystemExit(f"--max-length {args.max_length} must exceed --max-prompt-length {args.max_prompt_length}")
-    for name in ("eval_batch_size", "max_prompt_length"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+        _need(max_new > 0, "--max-length",
+              f"{args.max_length} must exceed --max-prompt-length {args.max_prompt_length}")
+    for name in ("eval_batch_size", "max_prompt_length", "max_new_tokens"):
+        _need(getattr(args, name) >= 1, f"--{name.replace('_', '-')}", f"must be >= 1 (got {getattr(args, name)})")
+    _need(0 < args.top_p <= 1, "--top-p", f"must be in (0, 1] (got {args.top_p})")
+    _need(args.top_k >= 0, "--top-k", f"must be >= 0 (got {args.top_k})")
+    _need(args.temperature > 0, "--temperature", f"must be positive (got {args.temperature})")
+    _need(args.no_repeat_ngram_size >= 0, "--no-repeat-ngram-size", "must be >= 0")
+    _need(args.dev_num == -1 or args.dev_num > 0, "--dev-num", f"must be -1 (all) or positive (got {args.dev_num})")
+    for name, n in args.dataset_limit:
+        _need(n >= 0, "--dataset-limit", f"{name}={n}: N must be >= 0")
+    _need(Path(args.ckpt).is_dir(), "--ckpt", f"{args.ckpt} is not a directory")
+    _need(Path(args.data_dir).is_dir(), "--data-dir", f"{args.data_dir} is not a directory")
+    _need(args.base_model_path is None or Path(args.base_model_path).is_dir(), "--base-model-path",
+          f"{args.base_model_path} is not a directory")
     return EvalConfig(ckpt=args.ckpt, data_dir=args.data_dir, datasets=list(args.datasets), seeds=list(args.seeds),
                       base_model_path=args.base_model_path, out_dir=args.out_dir, batch_size=args.eval_batch_size,
                       max_prompt_length=args.max_prompt_length, max_new_tokens=max_new, greedy=args.greedy,
@@ -106,6 +127,10 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_main("evaluate.py", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=args.log_level.upper() if rank == 0 else logging.WARNING,
@@ -116,16 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         from mckd.evaluation.results import results_markdown
         from mckd.evaluation.runner import run_evaluation
 
-        from mckd.evaluation.loading import CheckpointError
-        from mckd.evaluation.runner import EvalSetupError
-
         cfg = config_from_args(args)
         ctx = init_distributed(args.device)
         try:
             res = run_evaluation(cfg, ctx)
-        except (CheckpointError, EvalSetupError) as e:
-            print(f"evaluate.py run: error: {e}", file=sys.stderr)
-            return 2
         finally:
             ctx.close()
         if res is not None:

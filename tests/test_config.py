@@ -14,6 +14,7 @@ def _argv(tmp_path, *extra, data=True):
     model = tmp_path / "model"
     model.mkdir(exist_ok=True)
     (model / "config.json").write_text("{}")
+    (model / "tokenizer_config.json").write_text("{}")  # validation wants tokenizer files
     d = tmp_path / "data"
     if data:
         test_train_support.write_data(d, 4, 2)

@@ -147,3 +147,20 @@ def test_single_process_deepspeed_init_leaves_the_process_clean(monkeypatch):
         assert not dist.is_initialized()
         assert groups._WORLD_GROUP is None and groups._DATA_PARALLEL_GROUP is None
         assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} & set(os.environ)
+
+
+def test_deepspeed_resume_reads_only_allow_listed_classes(setup, reference, tmp_path):
+    """ZeRO-2 stopped after 2 steps and resumed: DeepSpeed's own files pass the safety scan and the
+    curve is the uninterrupted one."""
+    from mckd.train import checkpoint as ckpt_io
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    out = tmp_path / "run"
+    argv = _args(setup, out, "--deepspeed", "--deepspeed_config", str(ds), gas=2) + [
+        "--save-interval", "1", "--interval-unit", "step"]
+    _run(PY, argv + ["--max-steps", "2"])
+    ckpt_io.check_deepspeed_files(ckpt_io.latest_checkpoint(out) / "deepspeed")
+    _run(PY, argv + ["--resume"])
+    assert _curve(out) == pytest.approx(reference, rel=TOL)
+    assert ckpt_io.run_state(out).status == "finished" and not (out / "run.lock").exists()

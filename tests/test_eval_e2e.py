@@ -35,6 +35,9 @@ def test_resolve_checkpoint_reads_family_from_config(tmp_path, monkeypatch):
     ckpt = tmp_path / "outputs" / "llama" / "x" / "y" / "z" / "epoch1_step1"  # path says llama: ignored
     ckpt.mkdir(parents=True)
     (ckpt / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(CheckpointError, match="no tokenizer files"):
+        resolve_checkpoint(ckpt)
+    (ckpt / "tokenizer.json").write_text("{}")
     info = resolve_checkpoint(ckpt)
     assert info.model_type == "gpt2" and not info.is_lora and info.model_dir == ckpt
     adapter = tmp_path / "adapter"

@@ -324,6 +324,21 @@ def test_tiny_run_end_to_end(tmp_path):
     again = subprocess.run(["bash", str(copy / "scripts/tiny/run.sh")], env=env, capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0 and again.stderr.count("reusing") == 5
+    # an interrupted stage is resumed, a diverged one moved aside and retrained, from the states
+    # the runs recorded
+    from mckd.train.checkpoint import run_state, write_run_state
+
+    write_run_state(out / "run/sft/seed1", "interrupted", step=1)
+    write_run_state(out / "run/mcw_kd/seed2", "diverged", step=1, message="loss diverged")
+    third = subprocess.run(["bash", str(copy / "scripts/tiny/run.sh")], env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert third.returncode == 0, third.stderr[-4000:]
+    assert "teacher teacher: reusing" in third.stderr
+    assert "sft seed 1: resuming the unfinished run" in third.stderr
+    assert "mcw_kd seed 2: the run is diverged; moved to" in third.stderr
+    assert [p.name for p in (out / "run/mcw_kd").iterdir() if ".old-" in p.name]
+    for stage in ("teacher/sft/run", "run/sft/seed1", "run/mcw_kd/seed2"):
+        assert run_state(out / stage).status == "finished"
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import test_train_support as sup
 from mckd.config import ConfigError, parse_config
 from mckd.models.loading import ModelLoadError
 from mckd.train.loop import TrainingAborted, run
+from mckd.train.rundir import RunDirError
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def test_refuses_non_empty_output_dir(tiny_models, data, tmp_path):
     out = tmp_path / "busy"
     out.mkdir()
     (out / "something").write_text("x")
-    with pytest.raises(ConfigError, match="--resume .* --overwrite"):
+    with pytest.raises(RunDirError, match="--resume .* --overwrite"):
         run(parse_config(sup.train_argv(tiny_models("gpt2"), data, out, "--total-iters", "1")))
     assert sorted(p.name for p in out.iterdir()) == ["something"]
 
@@ -77,10 +78,15 @@ def test_bad_teacher_fails_before_any_output(tiny_models, data, tmp_path):
     src = Path(tiny_models("gpt2"))
     (teacher / "config.json").write_text((src / "config.json").read_text())  # no tokenizer files
     out = tmp_path / "never"
-    with pytest.raises(ModelLoadError, match="--teacher-model-path"):
+    with pytest.raises(ConfigError, match="--teacher-model-path: .* no tokenizer files"):
         run(parse_config(sup.train_argv(src, data, out, "--total-iters", "1", "--teacher-model-path",
                                         str(teacher), criterion="test_kd")))
     assert not out.exists()
+    (teacher / "tokenizer_config.json").write_text("{}")  # tokenizer files present, weights missing
+    with pytest.raises(ModelLoadError, match="--teacher-model-path"):
+        run(parse_config(sup.train_argv(src, data, out, "--total-iters", "1", "--teacher-model-path",
+                                        str(teacher), criterion="test_kd")))
+    assert not out.exists()  # the directory taken for the run is given back
 
 
 @pytest.mark.slow

@@ -104,6 +104,43 @@ class NaNAt(Criterion):
 _register("test_nan", NaNAt)
 
 
+class GrowingLoss(Criterion):
+    """Token-summed CE whose value is multiplied by ``GrowingLoss.factor ** (call - start)`` from
+    forward call ``GrowingLoss.start`` on (counted per process): a loss that climbs by orders of
+    magnitude while clipping keeps the weights finite."""
+
+    start = 10 ** 9
+    factor = 1000.0
+    calls = 0
+
+    def forward(self, batch, student, teacher):
+        loss, n = _ce_sum(student.logits, batch["labels"])
+        k = GrowingLoss.calls - GrowingLoss.start
+        if k >= 0:
+            loss = loss * GrowingLoss.factor ** (k + 1)
+        GrowingLoss.calls += 1
+        return CriterionOutput(loss, n, {})
+
+
+class PoisonAt(Criterion):
+    """Token-summed CE that overwrites the student's output head with NaN at forward call
+    ``PoisonAt.call`` (counted per process): the weights are no longer finite."""
+
+    call = 10 ** 9
+    calls = 0
+
+    def forward(self, batch, student, teacher):
+        if PoisonAt.calls == PoisonAt.call:
+            student.lm_head.weight.data.fill_(float("nan"))  # .data: outside autograd's view
+        PoisonAt.calls += 1
+        loss, n = _ce_sum(student.logits, batch["labels"])
+        return CriterionOutput(loss, n, {})
+
+
+_register("test_growing", GrowingLoss)
+_register("test_poison", PoisonAt)
+
+
 def train_argv(model, data, out, *extra, criterion="cross_entropy"):
     """A small, fast training command line."""
     return ["--model-path", str(model), "--data-dir", str(data), "--save-dir", str(out),

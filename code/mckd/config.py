@@ -96,8 +96,8 @@ class TrainingConfig:
     """Optimisation, schedule, precision, logging and checkpointing."""
 
     save_dir: str | None = opt(None, "output directory (args.json, logs, checkpoints)")
-    overwrite: bool = opt(False, "allow writing into a non-empty --save-dir (deletes nothing; "
-                                 "previous checkpoints there may be replaced)", action="store_true")
+    overwrite: bool = opt(False, "start a new run in a non-empty --save-dir: the old directory is "
+                                 "moved aside whole to <save-dir>.old-<date>", action="store_true")
     resume: bool = opt(False, "continue from the latest complete checkpoint in --save-dir",
                        action="store_true")
     seed: int = opt(1234, "random seed (each rank uses seed + rank for dropout; data order "
@@ -140,6 +140,10 @@ class TrainingConfig:
     early_stop_patience: int = opt(0, "stop when the teacher-forced dev loss has not improved for "
                                       "N consecutive dev evaluations (0: off); the checkpoints "
                                       "kept are ranked by dev loss")
+    divergence_threshold: float = opt(10.0, "stop when the step loss is more than this many times its "
+                                            "moving mean for --divergence-patience steps in a row "
+                                            "(0: off)")
+    divergence_patience: int = opt(3, "consecutive far-above steps that count as divergence")
 
 
 @dataclass
@@ -214,9 +218,10 @@ DEPRECATED: dict[str, tuple[int, str]] = {
         "--train-iters-per-epoch", "--data-names", "--pretrained-projector",
         "--pretrained-projector-lr")},
     **{f: (0, "had no effect in the published code") for f in (
-        "--teacher-model-fp16", "--no-value", "--save-rollout", "--debug", "--force-process",
+        "--teacher-model-fp16", "--no-value", "--save-rollout", "--force-process",
         "--force-process-demo", "--bin-data", "--txt-data", "--eval-ppl", "--eval-rw",
         "--only-prompt", "--fp32")},
+    # --debug is no longer one of these: it shows tracebacks (see code/distillation.py)
     "--model-dtype": (1, "weights are loaded once in the dtype of --precision (spec D11)"),
     "--do-eval": (0, "run code/evaluate.py on the saved checkpoint instead (spec D2)"),
 }
@@ -274,6 +279,7 @@ def build_parser(with_criteria: bool = True) -> argparse.ArgumentParser:
                             help=argparse.SUPPRESS)
     if with_criteria:
         add_criterion_args(parser)
+    _finite_floats(parser)
     return parser
 
 
@@ -290,6 +296,24 @@ def add_criterion_args(parser: argparse.ArgumentParser) -> None:
         except argparse.ArgumentError as e:
             raise ConfigError(f"criterion {name!r} ({cls.__module__}) declares a flag that clashes "
                               f"with another one: {e}") from e
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite float (``inf`` and ``nan`` are refused)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return v
+
+
+def _finite_floats(parser: argparse.ArgumentParser) -> None:
+    """Every float option of the parser (ours and the criteria's) refuses inf/nan."""
+    for a in parser._actions:
+        if a.type is float:
+            a.type = finite_float
 
 
 def _all_option_strings(parser: argparse.ArgumentParser) -> list[str]:
@@ -406,6 +430,17 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
           "needs dev evaluations (--eval-interval > 0)")
     _need(not (t.clip_grad_criterion is not None and dist.deepspeed), "--clip-grad-criterion",
           "is not available under DeepSpeed (it clips one global norm, --clip-grad)")
+    _need(t.divergence_threshold == 0 or t.divergence_threshold > 1, "--divergence-threshold",
+          f"must be 0 (off) or > 1 (got {t.divergence_threshold})")
+    _need(t.divergence_patience > 0, "--divergence-patience", "must be positive")
+    for flag, val in (("--train-num", d.train_num), ("--dev-num", d.dev_num),
+                      ("--eval-gen-num", e.eval_gen_num)):
+        _need(val == -1 or val > 0, flag, f"must be -1 (all) or positive (got {val})")
+    _need(e.top_k >= 0, "--top-k", "must be >= 0")
+    _need(e.no_repeat_ngram_size >= 0, "--no-repeat-ngram-size", "must be >= 0")
+    _need(e.repetition_penalty is None or e.repetition_penalty > 0, "--repetition-penalty",
+          "must be positive")
+    _need(p.peft_lora_alpha > 0, "--peft-lora-alpha", "must be positive")
     _need(t.weight_decay >= 0, "--weight-decay", "must be >= 0")
     _need(0 <= t.lr_min, "--lr-min", "must be >= 0")
     _need(d.num_workers >= 0, "--num-workers", "must be >= 0")
@@ -424,6 +459,7 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
         raise ConfigError(f"--criterion: {err.args[0]}") from None
     _need(not crit_cls.needs_teacher or m.teacher_model_path is not None, "--teacher-model-path",
           f"criterion {m.criterion!r} distils from a teacher: pass --teacher-model-path")
+    validate_criterion_args(cfg.criterion_args, crit_cls)
     if not check_paths:
         return
     for flag, path in (("--model-path", m.model_path), ("--teacher-model-path", m.teacher_model_path),
@@ -432,16 +468,106 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
             _need(os.path.isdir(path), flag, f"directory {path!r} does not exist")
     _need(os.path.isfile(os.path.join(m.model_path, "config.json")), "--model-path",
           f"{m.model_path!r} has no config.json (not a Hugging Face model directory)")
+    from mckd.models.tokenizers import TOKENIZER_FILES, has_tokenizer_files
+
+    for flag, path in (("--model-path", m.model_path),
+                       ("--teacher-model-path", m.teacher_model_path if crit_cls.needs_teacher else None)):
+        if path is not None:
+            _need(os.path.isfile(os.path.join(path, "config.json")), flag,
+                  f"{path!r} has no config.json (not a Hugging Face model directory)")
+            _need(has_tokenizer_files(path), flag, f"{path!r} has no tokenizer files (one of "
+                  f"{', '.join(TOKENIZER_FILES)}); copy them from the model the weights came from")
+    save = Path(t.save_dir)
+    parent = next((q for q in (save, *save.parents) if q.exists()), None)
+    _need(parent is not None and parent.is_dir(), "--save-dir",
+          f"{t.save_dir!r} cannot be created: {parent} is not a directory")
+    _need(os.access(parent, os.W_OK | os.X_OK), "--save-dir", f"{parent} is not writable")
     _need(os.path.isdir(d.data_dir), "--data-dir", f"directory {d.data_dir!r} does not exist")
-    for split in ("train", "dev"):
+    from mckd.data.examples import read_examples
+
+    for split, limit in (("train", d.train_num), ("dev", d.dev_num)):
         f = os.path.join(d.data_dir, f"{split}.jsonl")
         _need(os.path.isfile(f), "--data-dir", f"{f} does not exist")
+        read_examples(f, limit=limit)  # DataFormatError naming file and line, before anything is written
     if dist.deepspeed_config is not None:
         _need(os.path.isfile(dist.deepspeed_config), "--deepspeed_config",
               f"file {dist.deepspeed_config!r} does not exist")
     pc = cfg.criterion_args.get("projector_config_path")
     if pc is not None:
         _need(os.path.isfile(pc), "--projector-config-path", f"file {pc!r} does not exist")
+
+
+def validate_criterion_args(args: dict[str, Any], crit_cls: type) -> None:
+    """Ranges of the shared KD options (and criterion options that follow their naming):
+    rates and learning rates, temperatures, probabilities."""
+    def val(name):
+        return args.get(name)
+
+    rate = val("kd_rate")
+    if rate is not None:
+        _need(rate >= 0, "--kd-rate", f"must be >= 0 (got {rate}); a negative rate trains away "
+              "from the teacher")
+        combination = val("loss_combination") or "published"
+        interpolates = combination == "interpolate" or (
+            combination == "published" and getattr(crit_cls, "published_combination", None) == "interpolate")
+        _need(not interpolates or rate <= 1, "--kd-rate",
+              f"must be <= 1 when CE and KD are interpolated as (1 - rate) CE + rate KD (got {rate}); "
+              "use --loss-combination additive for CE + rate KD")
+    for name, v in args.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name.endswith("temperature"):
+            _need(v > 0, flag, f"must be positive (got {v})")
+        elif name.endswith("_lr"):
+            _need(v > 0, flag, f"must be positive (got {v})")
+        elif name.endswith("_rate") or name.endswith("_eps") or name.endswith("_iters"):
+            _need(v >= 0, flag, f"must be >= 0 (got {v})")
+    for name, lo, hi in (("label_smoothing", 0.0, 1.0), ("skew_lambda", 0.0, 1.0),
+                         ("adaptive_kl_alpha", 0.0, 1.0)):
+        v = val(name)
+        if v is not None:
+            _need(lo <= v < hi if name == "label_smoothing" else lo <= v <= hi,
+                  "--" + name.replace("_", "-"), f"must be in [{lo:g}, {hi:g}{')' if name == 'label_smoothing' else ']'} (got {v})")
+
+
+# Settings a resumed run may change (they do not alter what is learned or the data order);
+# every other setting must equal the run's args.json.
+RESUME_MAY_CHANGE: dict[str, frozenset] = {
+    "train": frozenset({"save_dir", "max_steps", "log_interval",
+                        "keep_best_n_checkpoints", "nan_patience", "divergence_threshold",
+                        "divergence_patience", "save_interval", "eval_interval"}),
+    "data": frozenset({"num_workers"}),
+    "eval": frozenset({"eval_batch_size", "eval_tqdm"}),
+    "dist": frozenset({"local_rank", "ddp_backend"}),
+}
+
+
+def _comparable(v: Any) -> Any:
+    if isinstance(v, str) and os.path.exists(v):
+        return os.path.realpath(v)
+    if isinstance(v, (list, tuple)):
+        return [_comparable(x) for x in v]
+    return v
+
+
+def resume_changes(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
+    """Compare a run's saved ``args.json`` with this command line.
+
+    Returns:
+        (refused, applied): ``"--flag old -> new"`` for every changed setting that a resume
+        cannot honour, and for every changed one it applies (:data:`RESUME_MAY_CHANGE`).
+    """
+    now = cfg.to_dict()
+    refused, applied = [], []
+    for section in (*SECTIONS, "criterion_args"):
+        old, new = saved.get(section) or {}, now[section]
+        for k, v in new.items():
+            if k in ("resume", "overwrite") or k not in old or _comparable(old[k]) == _comparable(v):
+                continue
+            text = f"--{k.replace('_', '-')} {old[k]!r} -> {v!r}"
+            (applied if k in RESUME_MAY_CHANGE.get(section, ()) else refused).append(text)
+    return refused, applied
 
 
 def load_deepspeed_json(path: str) -> dict:

@@ -16,7 +16,8 @@
 #   NPROC        CPU processes when GPUS is empty (default 1).
 #   PYTHON       python executable (default: python).
 #   RESUME=1     continue the run in SAVE_PATH (passes --resume).
-#   OVERWRITE=1  write into an existing, non-empty SAVE_PATH.
+#   OVERWRITE=1  start a new run in an existing, non-empty SAVE_PATH: the old run is moved aside
+#                whole to SAVE_PATH.old-<date> first (refused while a live run holds it).
 #   DRY_RUN=1    print the training command (one line, shell-quoted) and exit without running.
 #   EXTRA_ARGS   extra flags appended to the command (word-split), e.g. EXTRA_ARGS="--max-steps 10".
 # Output: SAVE_PATH=${BASE_PATH}/outputs/${CKPT_TYPE}/${CKPT_NAME}/${TASK}/${SETTING} (published
@@ -77,6 +78,12 @@ export PYTHONPATH="${BASE_PATH}/code${PYTHONPATH:+:${PYTHONPATH}}"
 
 mckd_log() { echo "[$(basename "${0}")] $*" >&2; }
 mckd_die() { echo "[$(basename "${0}")] error: $*" >&2; exit 2; }
+
+# mckd_has_run DIR: true when DIR holds files of a run (the launcher's console.log and command.sh,
+# written before the run starts, and the run lock do not count).
+mckd_has_run() {
+  [[ -d "$1" ]] && ls -A "$1" | grep -qvxE 'console\.log|command\.sh|run\.lock'
+}
 
 # mckd_best_ckpt DIR...: best checkpoint under the run directories (empty when none).
 mckd_best_ckpt() { "${PYTHON}" "${MCKD_LIB_DIR}/find_checkpoint.py" "$@" || true; }
@@ -192,16 +199,19 @@ mckd_train() {
     fi
     opts+=(--deepspeed --deepspeed_config "${DS_CONFIG}")
   fi
+  # console.log and command.sh are written before python starts; python does not count them
   if [[ "${RESUME}" == 1 ]]; then
     opts+=(--resume)
-  elif [[ "${OVERWRITE}" == 1 ]] || [[ ! -d "${SAVE_PATH}" ]] || [[ -z "$(ls -A "${SAVE_PATH}")" ]]; then
-    # a fresh (or explicitly overwritten) run: console.log is created before python checks the
-    # directory, so python is told that writing into it is intended
-    opts+=(--overwrite)
+  elif ! mckd_has_run "${SAVE_PATH}"; then
+    :  # a fresh run
   elif [[ "${DRY_RUN}" == 1 ]]; then
-    mckd_log "warning: ${SAVE_PATH} exists and is not empty; a real run would stop here"
+    mckd_log "warning: ${SAVE_PATH} holds a run; a real run would stop here (or move it aside with OVERWRITE=1)"
+  elif [[ "${OVERWRITE}" == 1 ]]; then
+    local moved
+    moved=$("${PYTHON}" -m mckd.train.rundir set-aside "${SAVE_PATH}") || exit 2
+    mckd_log "OVERWRITE=1: the previous run in ${SAVE_PATH} was moved to ${moved}"
   else
-    mckd_die "${SAVE_PATH} exists and is not empty: RESUME=1 continues it, OVERWRITE=1 writes into it"
+    mckd_die "${SAVE_PATH} exists and is not empty: RESUME=1 continues it, OVERWRITE=1 moves it aside and starts anew"
   fi
   if [[ -n "${EXTRA_ARGS}" ]]; then
     # shellcheck disable=SC2206

@@ -9,12 +9,14 @@ A checkpoint is a directory named ``epoch{E}_step{S}`` holding ``trainer_state.j
 of ``code/distillation.py``); the directories are searched recursively, so a run root such as
 ``outputs/qwen/Qwen1.5-1.8B/sft`` (several settings below it) works. The best one has the highest
 dev ROUGE-L in its ``trainer_state.json``; without ROUGE-L the lowest dev loss; without either the
-highest step of the most recently modified run. Exit status 1 and nothing on stdout when there is
-none. Standard library only, so it runs before any environment is activated.
+highest step of the most recently modified run. A checkpoint whose dev metrics are not finite
+(NaN, inf) is never returned. Exit status 1 and nothing on stdout when there is none. Standard
+library only, so it runs before any environment is activated.
 """
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -34,11 +36,19 @@ def checkpoints(roots: list[str]) -> list[Path]:
     return found
 
 
-def rank_key(ckpt: Path) -> tuple:
+def dev_metrics(ckpt: Path) -> dict:
     try:
-        dev = json.loads((ckpt / "trainer_state.json").read_text()).get("dev", {}) or {}
-    except (OSError, json.JSONDecodeError):
-        dev = {}
+        return json.loads((ckpt / "trainer_state.json").read_text()).get("dev", {}) or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def finite(ckpt: Path) -> bool:
+    return all(math.isfinite(v) for v in dev_metrics(ckpt).values() if isinstance(v, (int, float)))
+
+
+def rank_key(ckpt: Path) -> tuple:
+    dev = dev_metrics(ckpt)
     rouge = dev.get("rougeL")
     loss = dev.get("loss")
     step = int(_NAME.match(ckpt.name).group(2))
@@ -48,7 +58,7 @@ def rank_key(ckpt: Path) -> tuple:
 
 
 def best_checkpoint(roots: list[str]) -> Path | None:
-    found = checkpoints(roots)
+    found = [c for c in checkpoints(roots) if finite(c)]
     return max(found, key=rank_key) if found else None
 
 

@@ -47,6 +47,8 @@ sys.path.insert(0, str(ROOT / "code"))
 
 from mckd.evaluation.results import mean_std  # noqa: E402
 from mckd.evaluation.stats import detectable_effect, paired_difference  # noqa: E402
+from mckd.train.checkpoint import run_state  # noqa: E402
+from mckd.train.rundir import set_aside  # noqa: E402
 
 logger = logging.getLogger("compare")
 TEACHERS = {"same": "teacher_same_vocab", "cross": "teacher"}
@@ -154,25 +156,32 @@ def best_checkpoint(run_dir: Path) -> str | None:
     return r.stdout.strip() or None
 
 
-def finished(run_dir: Path) -> bool:
-    """True when the run in ``run_dir`` ended (its train.log says so); a run with epoch
-    checkpoints but no end is unfinished and is resumed, never reused."""
-    log = Path(run_dir) / "train.log"
-    return log.is_file() and "training done at step" in log.read_text()
+def stale(run_dir: Path) -> bool:
+    """True when the assets were rebuilt after the run started (its models and data changed)."""
+    manifest, args = ROOT / "model_hub/tiny/manifest.json", Path(run_dir) / "args.json"
+    return manifest.is_file() and args.is_file() and manifest.stat().st_mtime > args.stat().st_mtime
 
 
 def train(stage: Stage) -> Stage:
-    """Train ``stage`` with scripts/tiny/train.sh (reused when finished, resumed when not)."""
+    """Train ``stage`` with scripts/tiny/train.sh: a finished run (as its run state records) is
+    reused, an unfinished one resumed, a diverged or stale one moved aside and retrained."""
     if stage.teacher is not None:
         stage.env["TEACHER_MODEL_PATH"] = stage.teacher.ckpt
-    ckpt = best_checkpoint(stage.run_dir) if finished(stage.run_dir) else None
+    state = run_state(stage.run_dir).status
+    if state != "empty" and stale(stage.run_dir):
+        state = "stale"
+    ckpt = best_checkpoint(stage.run_dir) if state == "finished" else None
     if ckpt:
         logger.info("%s: reusing %s", stage.name, ckpt)
         stage.ckpt = ckpt
         return stage
     env = {"PYTHON": sys.executable, **os.environ, "GPUS": "", "OMP_NUM_THREADS": "1",
            "SAVE_PATH": str(stage.run_dir), **{k: str(v) for k, v in stage.env.items()}}
-    if stage.run_dir.is_dir():
+    if state in ("diverged", "stale", "finished"):   # finished without a usable checkpoint too
+        logger.info("%s: the run is %s; moved to %s, retraining", stage.name, state,
+                    set_aside(stage.run_dir))
+    elif state == "unfinished":
+        logger.info("%s: resuming the unfinished run in %s", stage.name, stage.run_dir)
         env["RESUME"] = "1"   # an interrupted run: continue it
     stage.run_dir.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -96,13 +96,17 @@ class Criterion(nn.Module):
         needs_hidden: the loop asks the models for hidden states (``ModelView.hidden``).
         alignment: names of alignment features the data pipeline must deliver in the batch
             (see :mod:`mckd.data.alignment`), e.g. ``("mined_dtw",)``.
-        cross_tokenizer: True when teacher and student may use different tokenizers.
+        cross_tokenizer: True when teacher and student may use different tokenizers (a teacher
+            criterion without it needs both to share one vocabulary, checked at start).
+        published_combination: how ``--loss-combination published`` combines CE and KD
+            (``interpolate``: (1 - rate) CE + rate KD, so the rate must be <= 1; ``additive``).
     """
 
     needs_teacher: ClassVar[bool] = False
     needs_hidden: ClassVar[bool] = False
     alignment: tuple[str, ...] = ()  # class default; an instance may narrow it from its options
     cross_tokenizer: ClassVar[bool] = False
+    published_combination: ClassVar[str] = "additive"
 
     @classmethod
     def add_args(cls, parser) -> None:

@@ -79,6 +79,8 @@ def dskd_losses(*, student_logits: torch.Tensor, student_hidden: torch.Tensor,
 class DualSpaceKD(Criterion):
     """DSKD (same vocabulary); trainable projectors ``t2s`` and ``s2t``."""
 
+    published_combination = "interpolate"
+
     needs_teacher = True
     needs_hidden = True
 

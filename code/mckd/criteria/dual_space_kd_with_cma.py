@@ -187,6 +187,8 @@ def cma_losses(*, student_logits: torch.Tensor, student_hidden: torch.Tensor,
 class DualSpaceKDWithCMA(Criterion):
     """DSKD with cross-model attention; trainable projectors ``query``, ``t2s``, ``s2t``."""
 
+    published_combination = "interpolate"
+
     needs_teacher = True
     needs_hidden = True
     cross_tokenizer = True

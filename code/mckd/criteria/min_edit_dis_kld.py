@@ -200,6 +200,8 @@ class MinEditDisKLD(Criterion):
         source: where the map came from (for error messages).
     """
 
+    published_combination = "interpolate"
+
     needs_teacher = True
     cross_tokenizer = True
     alignment = ("mined_dtw",)

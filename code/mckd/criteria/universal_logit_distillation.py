@@ -141,6 +141,8 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
 class UniversalLogitDistillation(Criterion):
     """ULD baseline: CE plus the sorted-probability L1 on response-start-aligned positions."""
 
+    published_combination = "interpolate"
+
     needs_teacher = True
     cross_tokenizer = True
 

@@ -34,6 +34,8 @@ def check_same_vocab(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 class VariousDivergence(Criterion):
     """Vanilla KD with a selectable divergence."""
 
+    published_combination = "interpolate"
+
     needs_teacher = True
 
     def __init__(self, kd_objective: str = "forward_kl", kd_rate: float = 0.5,

@@ -36,6 +36,15 @@ class Example:
     source: str = field(default="", compare=False)  # "file:line", for messages
 
 
+def decode_line(raw: bytes, where: str) -> str:
+    """UTF-8 text of one line; DataFormatError naming ``where`` (file:line) and the column."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{where}: not valid UTF-8 (byte {raw[e.start]:#04x} at column "
+                              f"{e.start + 1}); save the file as UTF-8") from None
+
+
 def render_prompt(instruction: str, input_text: str = "") -> str:
     """Render the published template (with or without the input block)."""
     if input_text and input_text.strip():
@@ -84,11 +93,12 @@ def read_examples(path: str | Path, *, require_output: bool = True, limit: int =
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     examples: list[Example] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            line = decode_line(raw, where)
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:

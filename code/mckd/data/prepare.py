@@ -20,7 +20,6 @@ never overwritten unless ``--overwrite`` is given.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -28,7 +27,7 @@ import random
 import sys
 from pathlib import Path
 
-from mckd.data.examples import DataFormatError, render_prompt
+from mckd.data.examples import DataFormatError, decode_line, render_prompt
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "dev", "valid")
@@ -43,7 +42,12 @@ def read_raw_records(raw: str) -> tuple[list[dict], str]:
     path = Path(raw)
     if path.is_file():
         data = path.read_bytes()
-        text = data.decode("utf-8")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            decode_line(data[data.rfind(b"\n", 0, e.start) + 1:].split(b"\n", 1)[0], f"{path}:{line}")
+            raise  # not reached: decode_line raises for the same bytes
         if text.lstrip().startswith("["):
             try:
                 records = json.loads(text)
@@ -90,7 +94,7 @@ def dolly_record(rec: dict, where: str) -> dict | None:
 def split_records(records: list[dict], *, dev_size: int, valid_size: int, seed: int) -> dict:
     """Shuffle with ``seed`` and cut ``valid`` (first), ``dev`` (next), ``train`` (the rest)."""
     if dev_size < 0 or valid_size < 0 or dev_size + valid_size >= len(records):
-        raise ValueError(f"dev_size={dev_size} + valid_size={valid_size} must be non-negative and "
+        raise ValueError(f"--dev-size {dev_size} + --valid-size {valid_size} must be non-negative and "
                          f"leave training records (have {len(records)})")
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
@@ -142,9 +146,18 @@ def prepare_dolly(raw: str, out: str | Path, *, dev_size: int = 1000, valid_size
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mckd.data.prepare",
-                                 description="Build processed jsonl sets from raw public datasets.")
-    sub = ap.add_subparsers(dest="dataset", required=True)
+    """Exit status 2 with a one-line message on bad input (see :mod:`mckd.cli`)."""
+    from mckd.cli import run_main
+
+    return run_main("python -m mckd.data.prepare", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    from mckd.cli import ArgumentParser, UsageError
+
+    ap = ArgumentParser(prog="python -m mckd.data.prepare",
+                        description="Build processed jsonl sets from raw public datasets.")
+    sub = ap.add_subparsers(dest="dataset", required=True, parser_class=ArgumentParser)
     d = sub.add_parser("dolly", help="databricks-dolly-15k -> train/dev/valid jsonl")
     d.add_argument("--raw", required=True,
                    help="local databricks-dolly-15k.jsonl, or a hub name such as "
@@ -159,13 +172,18 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.dev_size < 0 or args.valid_size < 0:
+        raise UsageError(f"--dev-size/--valid-size must be >= 0 (got {args.dev_size}, {args.valid_size})")
+    if args.max_prompt_tokens > 0 and not args.tokenizer:
+        raise UsageError("--max-prompt-tokens needs --tokenizer")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out: {args.out} exists and is not a directory")
     try:
         info = prepare_dolly(args.raw, args.out, dev_size=args.dev_size, valid_size=args.valid_size,
                              seed=args.seed, tokenizer_path=args.tokenizer,
                              max_prompt_tokens=args.max_prompt_tokens, overwrite=args.overwrite)
-    except (DataFormatError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # split sizes that do not fit the data
+        raise UsageError(str(e)) from None
     print(json.dumps(info, indent=2))
     return 0
 

@@ -31,7 +31,6 @@ CLI::
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -254,18 +253,24 @@ def load_vocab_map(path: str | os.PathLike) -> list[int]:
     The published loader assumed this silently (spec 4.4 step 1); here a gap or a non-integer
     value is an error naming the file.
     """
-    with open(path, encoding="utf-8") as f:
-        raw = json.load(f)
+    from mckd.data.examples import DataFormatError
+
+    try:
+        raw = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DataFormatError(f"{path}: not valid UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise DataFormatError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
     if not isinstance(raw, dict) or not raw:
-        raise ValueError(f"{path}: expected a non-empty JSON object {{teacher_id: student_id}}")
+        raise DataFormatError(f"{path}: expected a non-empty JSON object {{teacher_id: student_id}}")
     try:
         items = {int(k): int(v) for k, v in raw.items()}
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: keys and values must be integers ({e})") from e
+        raise DataFormatError(f"{path}: keys and values must be integers ({e})") from None
     n = len(items)
     if set(items) != set(range(n)):
         missing = sorted(set(range(n)) - set(items))[:5]
-        raise ValueError(f"{path}: teacher ids must be exactly 0..{n - 1}; missing e.g. {missing}")
+        raise DataFormatError(f"{path}: teacher ids must be exactly 0..{n - 1}; missing e.g. {missing}")
     return [items[i] for i in range(n)]
 
 
@@ -322,7 +327,16 @@ def load_or_build_vocab_map(path: str | os.PathLike | None, teacher_tokenizer, s
 
 # --------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    """Exit status 2 with a one-line message on bad input (see :mod:`mckd.cli`)."""
+    from mckd.cli import run_main
+
+    return run_main("mckd-vocab-map", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    from mckd.cli import ArgumentParser, UsageError
+
+    parser = ArgumentParser(
         prog="mckd-vocab-map",
         description="Build the MinED teacher->student token-id map (JSON {teacher_id: student_id}).")
     parser.add_argument("--teacher", required=True, help="teacher model (or tokenizer) directory")
@@ -331,11 +345,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=-1,
                         help="threads for the edit-distance search (-1 = all cores)")
     args = parser.parse_args(argv)
+    if args.workers == 0 or args.workers < -1:
+        raise UsageError(f"--workers: must be -1 (all cores) or positive (got {args.workers})")
+    out_parent = next((q for q in Path(args.out).absolute().parents if q.exists()), None)
+    if Path(args.out).is_dir():
+        raise UsageError(f"--out: {args.out} is a directory; give a file name")
+    if out_parent is None or not out_parent.is_dir() or not os.access(out_parent, os.W_OK):
+        raise UsageError(f"--out: {args.out} cannot be written ({out_parent} is not a writable directory)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from mckd.models.tokenizers import load_tokenizer
 
-    teacher = load_tokenizer(args.teacher, what="teacher")
-    student = load_tokenizer(args.student, what="student")
+    teacher = load_tokenizer(args.teacher, what="teacher (--teacher)")
+    student = load_tokenizer(args.student, what="student (--student)")
     start = time.perf_counter()
     mapping = build_vocab_map_for_tokenizers(teacher, student, workers=args.workers)
     out = save_vocab_map(mapping, args.out)

@@ -20,11 +20,10 @@ from pathlib import Path
 
 import torch
 
-from mckd.models.tokenizers import load_tokenizer
+from mckd.models.tokenizers import has_tokenizer_files, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16}
 
@@ -50,10 +49,6 @@ class CheckpointInfo:
     model_dir: Path
     tokenizer_dir: Path
     model_type: str
-
-
-def _has_tokenizer(d: Path) -> bool:
-    return any((d / f).is_file() for f in _TOKENIZER_FILES)
 
 
 def resolve_checkpoint(ckpt: str | os.PathLike, base_model_path: str | None = None) -> CheckpointInfo:
@@ -84,10 +79,16 @@ def resolve_checkpoint(ckpt: str | os.PathLike, base_model_path: str | None = No
     cfg_file = model_dir / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{model_dir} has no config.json (not a Hugging Face model directory)")
-    model_type = json.loads(cfg_file.read_text()).get("model_type")
+    try:
+        model_type = json.loads(cfg_file.read_text()).get("model_type")
+    except (ValueError, AttributeError):
+        raise CheckpointError(f"{cfg_file}: not a JSON object") from None
     if not model_type:
         raise CheckpointError(f"{cfg_file}: no 'model_type'")
-    tok_dir = path if _has_tokenizer(path) else model_dir
+    tok_dir = path if has_tokenizer_files(path) else model_dir
+    if not has_tokenizer_files(tok_dir):
+        where = str(path) if model_dir == path else f"{path} or its base model {model_dir}"
+        raise CheckpointError(f"no tokenizer files (tokenizer.json, tokenizer_config.json, ...) in {where}")
     return CheckpointInfo(path=path, is_lora=adapter_cfg.is_file(), model_dir=model_dir,
                           tokenizer_dir=tok_dir, model_type=model_type)
 
@@ -111,12 +112,20 @@ def load_for_eval(info: CheckpointInfo, *, device: torch.device, dtype: torch.dt
     """
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(str(info.tokenizer_dir), what="evaluated model")
-    model = AutoModelForCausalLM.from_pretrained(info.model_dir, dtype=dtype, local_files_only=True)
-    if info.is_lora:
-        from peft import PeftModel
+    from mckd.models.tokenizers import TokenizerLoadError
 
-        model = PeftModel.from_pretrained(model, str(info.path), is_trainable=False)
+    try:
+        tokenizer = load_tokenizer(str(info.tokenizer_dir), what="evaluated model")
+        model = AutoModelForCausalLM.from_pretrained(info.model_dir, dtype=dtype, local_files_only=True)
+        if info.is_lora:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(info.path), is_trainable=False)
+    except TokenizerLoadError as e:
+        raise CheckpointError(str(e)) from None
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"cannot load the model in {info.path}: {first}") from None
     model.to(device).eval()
     logger.info("loaded %s (%s%s) in %s on %s", info.path, info.model_type, ", LoRA" if info.is_lora else "",
                 dtype, device)

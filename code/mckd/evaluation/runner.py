@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from mckd.data.prompts import build_prompt_dataset
 from mckd.evaluation.distributed import DistContext
 from mckd.evaluation.generate import batch_seed, generate_one_batch, generation_kwargs, plan_batches
+from mckd.evaluation.loading import CheckpointError
 from mckd.evaluation.metrics import exact_match, rouge_l
 
 logger = logging.getLogger(__name__)
@@ -289,9 +290,15 @@ def _plan_jobs(cfg: EvalConfig, info, out_dir: Path) -> tuple[list, str | None]:
 
 
 def run_evaluation(cfg: EvalConfig, ctx: DistContext) -> dict | None:
-    """Evaluate every (dataset, seed) pair of ``cfg`` and write the aggregate. Returns it on rank 0."""
-    from mckd.evaluation.loading import load_for_eval, pick_dtype, resolve_checkpoint
-    from mckd.evaluation.results import write_results
+    """Evaluate every (dataset, seed) pair of ``cfg`` and write the aggregate. Returns it on rank 0.
+
+    The checkpoint is pinned meanwhile (:func:`mckd.train.rundir.pin_checkpoint`): a training run
+    that prunes checkpoints leaves it alone, and a checkpoint that disappears anyway is an error
+    (never a partial table)."""
+    import contextlib
+
+    from mckd.evaluation.loading import resolve_checkpoint
+    from mckd.train.rundir import RunDirError, pin_checkpoint
 
     info = resolve_checkpoint(cfg.ckpt, cfg.base_model_path)
     out_dir = cfg.resolved_out_dir()
@@ -301,6 +308,17 @@ def run_evaluation(cfg: EvalConfig, ctx: DistContext) -> dict | None:
     jobs, error = ctx.broadcast_from_main(plan)
     if error:
         raise EvalSetupError(error)
+    pin = pin_checkpoint(cfg.ckpt) if ctx.is_main else contextlib.nullcontext()
+    try:
+        with pin:
+            return _run_evaluation(cfg, ctx, info, out_dir, jobs)
+    except RunDirError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _run_evaluation(cfg: EvalConfig, ctx: DistContext, info, out_dir: Path, jobs: list) -> dict | None:
+    from mckd.evaluation.loading import load_for_eval, pick_dtype
+    from mckd.evaluation.results import write_results
     if jobs:
         model, tokenizer = load_for_eval(info, device=ctx.device, dtype=pick_dtype(cfg.dtype, ctx.device))
         cache: dict[str, PromptSet] = {}

@@ -13,9 +13,15 @@ Per optimizer step (DESIGN 2, STYLE 3-5):
 
 Evaluation and checkpoints happen every ``--eval-interval`` / ``--save-interval`` epochs or steps
 (``--interval-unit``), and once more at the end of the run.
+
+Guarantees (docs/training.md): the run directory is locked for this process before anything is
+written (:mod:`mckd.train.rundir`); a diverging loss, non-finite dev metrics or non-finite weights
+stop the run without writing a checkpoint (:mod:`mckd.train.guards`); Ctrl-C / SIGTERM save a
+resumable state after the current step; ``run_state.json`` records how the run ended.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -28,12 +34,15 @@ import numpy as np
 import torch
 
 from mckd import dist
-from mckd.config import Config, ConfigError, finalize, load_deepspeed_json, write_args_json
+from mckd.config import (Config, ConfigError, finalize, load_deepspeed_json, resume_changes,
+                         write_args_json)
 from mckd.criteria.base import CriterionResources, get_criterion_class
 from mckd.data.batch import IGNORE_INDEX, TEACHER_PREFIX
 from mckd.models import loading
 from mckd.train import checkpoint as ckpt_io
-from mckd.train import dev_eval, optim
+from mckd.train import dev_eval, optim, rundir
+from mckd.train.guards import (DivergenceMonitor, StopSignals, TrainingAborted, TrainingDiverged,
+                               TrainingInterrupted, all_finite, non_finite_metrics)
 from mckd.train.engine import (DeepSpeedEngine, DistillModule, TorchEngine, fill_deepspeed_config,
                                model_inputs)
 from mckd.train.sampling import ResumableDistributedSampler
@@ -41,24 +50,13 @@ from mckd.train.sampling import ResumableDistributedSampler
 logger = logging.getLogger("mckd.train")
 
 
-class TrainingAborted(RuntimeError):
-    """Raised after --nan-patience consecutive non-finite steps (a checkpoint is saved first)."""
+__all__ = ["Trainer", "TrainingAborted", "TrainingDiverged", "TrainingInterrupted", "run"]
 
 
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
-
-
-def check_output_dir(save_dir: str, *, overwrite: bool, resume: bool) -> None:
-    """Refuse to write into a non-empty run directory unless --overwrite or --resume."""
-    p = Path(save_dir)
-    if p.exists() and not p.is_dir():
-        raise ConfigError(f"--save-dir: {save_dir} exists and is not a directory")
-    if p.is_dir() and any(p.iterdir()) and not (overwrite or resume):
-        raise ConfigError(f"--save-dir: {save_dir} is not empty; pass --resume to continue the run "
-                          "there or --overwrite to write into it anyway")
 
 
 def _setup_file_logging(save_dir: Path) -> None:
@@ -73,6 +71,16 @@ def _setup_file_logging(save_dir: Path) -> None:
     h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(h)
     root.setLevel(min(root.level or logging.INFO, logging.INFO))
+
+
+def _close_file_logging(save_dir: Path) -> None:
+    """Detach the run's train.log handler (a later run in this process may use another directory,
+    or this one after it was moved aside)."""
+    root = logging.getLogger("mckd")
+    for h in [h for h in root.handlers if isinstance(h, logging.FileHandler)
+              and h.baseFilename == os.path.abspath(save_dir / "train.log")]:
+        root.removeHandler(h)
+        h.close()
 
 
 class Trainer:
@@ -90,11 +98,33 @@ class Trainer:
         self.rank, self.world = dist.rank(), dist.world_size()
         cfg.derived.update(world_size=self.world, rank=self.rank,
                            effective_batch_size=t.batch_size * t.gradient_accumulation_steps * self.world)
-        check_output_dir(t.save_dir, overwrite=t.overwrite, resume=t.resume)
         self.save_dir = Path(t.save_dir)
+        # Rank 0 takes the directory (lock) before anything is written; the others learn the outcome.
+        self.run_dir, error = None, None
+        if dist.is_main():
+            try:
+                self.run_dir = rundir.prepare_run_dir(t.save_dir, overwrite=t.overwrite, resume=t.resume)
+            except rundir.RunDirError as e:
+                error = str(e)
+        error = dist.all_gather_object(error)[0]
+        if error:
+            raise rundir.RunDirError(error)
+        try:
+            self._setup()
+        except BaseException:
+            if self.run_dir is not None and not self.committed:
+                self.run_dir.abandon()
+            raise
+        return self
+
+    def _setup(self) -> None:
+        cfg, t, m = self.cfg, self.cfg.train, self.cfg.model
+        self.committed = False
         self.resume_from = ckpt_io.latest_checkpoint(self.save_dir) if t.resume else None
         if t.resume and self.resume_from is None:
             logger.info("--resume: no complete checkpoint in %s; starting from scratch", self.save_dir)
+        if self.resume_from is not None:
+            self._check_resume_args()
         _seed_everything(t.seed + self.rank)
         if self.device.type == "cpu":
             # Denormal floats make some CPU kernels ~20x slower (measured in BENCHMARKS.md);
@@ -127,23 +157,56 @@ class Trainer:
                                   f"training examples) but this run has {self._data_layout()}; "
                                   "the data position cannot be carried over")
         self._build_engine()
-        # Nothing failed: from here on the run directory is written.
-        if dist.is_main():
-            self.save_dir.mkdir(parents=True, exist_ok=True)
-            write_args_json(cfg, self.save_dir / ("args.json" if self.resume_from is None
-                                                  else "args.resume.json"))
-        dist.barrier()
-        _setup_file_logging(self.save_dir)
         # best_dev_loss / evals_without_improvement: early stopping (--early-stop-patience)
         self.state = {"global_step": 0, "epoch": 0, "consumed": 0, "nan_streak": 0,
                       "best_dev_loss": None, "evals_without_improvement": 0}
-        if self.resume_from is not None:
+        if self.resume_from is not None:  # read (and check) before anything is written
             saved = ckpt_io.load_resume_state(self.resume_from, engine=self.engine,
                                               criterion=self.criterion)
             self.state.update(saved["loop"])
+        # Nothing failed: from here on the run directory is written.
+        if dist.is_main():
+            self.run_dir.commit()  # --overwrite: the old run is moved aside only now
+            if t.resume and self.resume_from is None:
+                self._clear_previous_attempt()
+            write_args_json(cfg, self.save_dir / ("args.json" if self.resume_from is None
+                                                  else "args.resume.json"))
+            ckpt_io.write_run_state(self.save_dir, "running", step=self.state["global_step"])
+        self.committed = True
+        dist.barrier()
+        _setup_file_logging(self.save_dir)
+        if self.resume_from is not None:
             logger.info("resumed from %s at step %d", self.resume_from, self.state["global_step"])
+        self.divergence = DivergenceMonitor(t.divergence_threshold, t.divergence_patience,
+                                            self.state.get("loss_mean"), self.state.get("far_streak", 0))
         self._open_writers()
-        return self
+
+    def _check_resume_args(self) -> None:
+        """A resumed run keeps its hyper-parameters: refuse changed ones, apply and report the
+        harmless ones (:data:`mckd.config.RESUME_MAY_CHANGE`)."""
+        path = self.save_dir / "args.json"
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            logger.warning("--resume: %s is missing or unreadable; the settings cannot be compared", path)
+            return
+        refused, applied = resume_changes(saved, self.cfg)
+        if refused:
+            raise ConfigError(f"--resume: {', '.join(refused)} differ from the run's {path}; a resumed "
+                              "run keeps its settings (pass the original values, or start a new run "
+                              "with --overwrite)")
+        if applied:
+            logger.warning("--resume: applying changed settings: %s", ", ".join(applied))
+        self.cfg.derived["resume_changes"] = applied
+        self.cfg.derived["resumed_from"] = str(self.resume_from)
+
+    def _clear_previous_attempt(self) -> None:
+        """--resume without a checkpoint starts from scratch: the logs of the attempt that never
+        reached a checkpoint go."""
+        import shutil
+
+        (self.save_dir / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(self.save_dir / "tensorboard", ignore_errors=True)
 
     def _load_models(self) -> None:
         cfg, m, p = self.cfg, self.cfg.model, self.cfg.peft
@@ -166,6 +229,20 @@ class Trainer:
                 declared_type=m.teacher_model_type, peft_path=p.teacher_peft_path)
         elif m.teacher_model_path is not None:
             logger.warning("criterion %s uses no teacher: --teacher-model-path is ignored", m.criterion)
+        if self.teacher is not None and not self.crit_cls.cross_tokenizer:
+            from mckd.models.tokenizers import vocabulary_difference
+
+            dims_ = loading.read_dims(m.model_path, m.teacher_model_path)
+            if dims_.student_vocab != dims_.teacher_vocab:
+                raise ConfigError(f"--teacher-model-path: criterion {m.criterion!r} needs the teacher "
+                                  f"and student to share one vocabulary, but their vocabulary sizes "
+                                  f"differ ({dims_.teacher_vocab} vs {dims_.student_vocab}); use a "
+                                  "cross-tokenizer criterion")
+            diff = vocabulary_difference(self.tokenizer, self.teacher_tokenizer)
+            if diff is not None:
+                raise ConfigError(f"--teacher-model-path: criterion {m.criterion!r} needs the teacher "
+                                  f"and student to share one vocabulary, but the tokenizers of "
+                                  f"{m.teacher_model_path} and {m.model_path} differ: {diff}")
         dims = loading.read_dims(m.model_path, m.teacher_model_path if self.teacher is not None else None)
         resources = CriterionResources(student_tokenizer=self.tokenizer,
                                        teacher_tokenizer=self.teacher_tokenizer,
@@ -240,9 +317,18 @@ class Trainer:
         if not dist.is_main():
             return
         if self.metrics_path.exists() and self.resume_from is not None:
-            # drop log lines of steps the interrupted run did after its last checkpoint
-            keep = [ln for ln in self.metrics_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= self.state["global_step"]]
+            # drop log lines of steps the interrupted run did after its last checkpoint, and a
+            # line torn by a kill in the middle of a write
+            keep = []
+            for ln in self.metrics_path.read_text(errors="replace").splitlines():
+                try:
+                    rec = json.loads(ln)
+                except ValueError:
+                    if ln.strip():
+                        logger.warning("%s: dropping an incomplete line", self.metrics_path)
+                    continue
+                if isinstance(rec, dict) and rec.get("step", 0) <= self.state["global_step"]:
+                    keep.append(ln)
             self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -269,6 +355,8 @@ class Trainer:
         total = dist.all_reduce_sum(torch.tensor(float(local_tokens), device=dev))  # one all-reduce
         scale = self.engine.loss_scale(total)
         self.criterion.set_progress(step, self.total_steps)
+        self._step_loss = torch.zeros((), device=dev)
+        self._step_tokens = total
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
             batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
@@ -278,6 +366,7 @@ class Trainer:
             if self.engine.kind == "deepspeed":
                 self._deepspeed_finite_guard(out.loss_sum)
             self.engine.backward(loss, last=last)
+            self._step_loss = self._step_loss + out.loss_sum.detach().float()
             self._accumulate(acc, out)
         norm, skipped = self.engine.finish_step()
         return norm, skipped
@@ -287,10 +376,10 @@ class Trainer:
         backward; it cannot be skipped there: save the last good state and abort."""
         bad = dist.all_reduce_max((~torch.isfinite(loss_sum.detach())).float().reshape(1))
         if bool(bad.item()):
-            self._save(tag="nan-abort")
+            where = self._save_abort_state()
             raise TrainingAborted(f"non-finite loss at step {self.state['global_step']} under "
-                                  "DeepSpeed (its steps cannot be skipped); last good state saved "
-                                  f"in {self.save_dir}")
+                                  "DeepSpeed (its steps cannot be skipped); last good state: "
+                                  f"{where}")
 
     @staticmethod
     def _accumulate(acc: dict, out) -> None:
@@ -320,7 +409,6 @@ class Trainer:
     # ------------------------------------------------------------------ train
     def train(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
-        gas = t.gradient_accumulation_steps
         st = self.state
         acc: dict = {}
         hooks: dict = {}
@@ -338,6 +426,28 @@ class Trainer:
         self.engine.module.train()
         if self.teacher is not None:
             self.teacher.eval()
+        with StopSignals() as signals:
+            dev = self._train_epochs(signals, acc, hooks, last_log_t, last_saved, bar)
+        if bar is not None:
+            bar.close()
+        if self._should_stop():
+            logger.info("early stop: the dev loss has not improved for %d evaluations (best %.4f)",
+                        st["evals_without_improvement"], st["best_dev_loss"])
+        logger.info("training done at step %d", st["global_step"])
+        ckpt_io.write_run_state(self.save_dir, "finished", step=st["global_step"])
+        return {"global_step": st["global_step"], "dev": dev}
+
+    def _step_signals(self, signals: StopSignals) -> tuple[float, bool]:
+        """The global mean loss of the step just taken and whether any rank was asked to stop
+        (one all-reduce, so every rank decides alike)."""
+        vec = torch.stack([self._step_loss.double(), torch.tensor(
+            1.0 if signals.requested else 0.0, dtype=torch.float64, device=self._step_loss.device)])
+        loss_sum, stop = dist.all_reduce_sum(vec).tolist()
+        return loss_sum / max(1.0, float(self._step_tokens)), stop > 0
+
+    def _train_epochs(self, signals, acc, hooks, last_log_t, last_saved, bar) -> dict | None:
+        cfg, t, st = self.cfg, self.cfg.train, self.state
+        gas = t.gradient_accumulation_steps
         while (st["global_step"] < self.run_steps and st["epoch"] < cfg.derived["num_epochs"]
                and not self._should_stop()):
             self.sampler.set_position(st["epoch"], st["consumed"] * t.batch_size)
@@ -351,10 +461,10 @@ class Trainer:
                     logger.warning("step %d: non-finite gradient norm, step skipped (%d in a row, "
                                    "patience %d)", st["global_step"] + 1, st["nan_streak"], t.nan_patience)
                     if st["nan_streak"] >= t.nan_patience:
-                        self._save(tag="nan-abort")
+                        where = self._save_abort_state()
                         raise TrainingAborted(
                             f"{st['nan_streak']} consecutive non-finite steps (--nan-patience "
-                            f"{t.nan_patience}); the last good state is saved in {self.save_dir}")
+                            f"{t.nan_patience}); last good state: {where}")
                 else:
                     st["nan_streak"] = 0
                     st["global_step"] += 1
@@ -362,13 +472,20 @@ class Trainer:
                     if bar is not None:
                         bar.update(1)
                 step = st["global_step"]
-                if not skipped and (step % t.log_interval == 0 or step == self.run_steps):
+                step_loss, stop = self._step_signals(signals)
+                why = None if skipped else self.divergence.update(step_loss)
+                st.update(self.divergence.state())
+                if not skipped and (why is not None or step % t.log_interval == 0 or step == self.run_steps):
                     last_log_t = self._log(acc, hooks, norm, last_log_t, bar)
                     acc, hooks = {}, {}
+                if why is not None:
+                    self._diverged(f"step {step}: {why}")
                 epoch_done = st["consumed"] >= self.ipe * gas
                 if epoch_done:
                     st["epoch"] += 1
                     st["consumed"] = 0
+                if stop:
+                    self._interrupted(last_saved)
                 if skipped and not epoch_done:
                     continue
                 dev = self.evaluate() if self._due(step, epoch_done, t.eval_interval) else None
@@ -379,17 +496,35 @@ class Trainer:
                     last_saved = step
                 if epoch_done or self._should_stop():
                     break
-        if bar is not None:
-            bar.close()
         dev = None
         if last_saved != st["global_step"]:
             dev = self.evaluate() if (t.eval_interval > 0 or cfg.eval.eval_gen) else None
             self._save(dev=dev)
-        if self._should_stop():
-            logger.info("early stop: the dev loss has not improved for %d evaluations (best %.4f)",
-                        st["evals_without_improvement"], st["best_dev_loss"])
-        logger.info("training done at step %d", st["global_step"])
-        return {"global_step": st["global_step"], "dev": dev}
+        return dev
+
+    def _interrupted(self, last_saved: int) -> None:
+        step = self.state["global_step"]
+        where = "nothing to save (no step taken); --resume starts from scratch"
+        if step > 0:
+            path = self._save() if last_saved != step else self.save_dir / ckpt_io.checkpoint_name(
+                self.state["epoch"], step)
+            where = f"resumable state in {path}"
+        raise TrainingInterrupted(f"interrupted at step {step}: {where}; continue with --resume")
+
+    def _last_good(self) -> str:
+        ckpts = [p for p in ckpt_io.list_checkpoints(self.save_dir)]
+        return str(ckpts[-1]) if ckpts else f"none (no checkpoint was written in {self.save_dir})"
+
+    def _diverged(self, why: str) -> None:
+        raise TrainingDiverged(f"{why}; nothing saved for this state; last good checkpoint: "
+                               f"{self._last_good()}")
+
+    def _save_abort_state(self) -> str:
+        """The state after the last good step as ``*_nan-abort`` when its weights are finite; else
+        the last checkpoint. Returns where the last good state is."""
+        if all_finite(self.engine.params if self.engine.kind == "torch" else self.engine.raw.parameters()):
+            return str(self._save(tag="nan-abort"))
+        return f"{self._last_good()} (the current weights are not finite and were not saved)"
 
     def _track_dev_loss(self, loss: float) -> None:
         st = self.state
@@ -455,16 +590,35 @@ class Trainer:
                     repeat_times=e.eval_gen_repeat_times, synced_gpus=zero3)
             out.update(scores)
         step = self.state["global_step"]
+        bad = non_finite_metrics(out)
         if dist.is_main():
             logger.info("dev | step %d | %s", step, " ".join(f"{k}={v:.4f}" for k, v in out.items()))
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps({"step": step, "split": "dev", **out}) + "\n")
             if self.tb is not None:
                 for k, v in out.items():
-                    self.tb.add_scalar(f"dev/{k}", v, step)
+                    if math.isfinite(v):
+                        self.tb.add_scalar(f"dev/{k}", v, step)
+        if bad:
+            self._diverged(f"step {step}: non-finite dev metrics ({', '.join(bad)})")
         return out
 
     def _save(self, dev: dict | None = None, tag: str | None = None) -> Path:
+        if non_finite_metrics(dev):
+            self._diverged(f"non-finite dev metrics {dev}")
+        params = self.engine.params if self.engine.kind == "torch" else list(self.engine.raw.parameters())
+        if not all_finite(params):
+            self._diverged(f"step {self.state['global_step']}: the weights are not finite")
+        error = None
+        if dist.is_main():
+            try:
+                rundir.check_free_space(self.save_dir, ckpt_io.checkpoint_bytes(
+                    self.engine.raw.student, self.criterion), "a checkpoint")
+            except rundir.RunDirError as e:
+                error = str(e)
+        error = dist.all_gather_object(error)[0]
+        if error:
+            raise rundir.RunDirError(error)
         st = self.state
         name = ckpt_io.checkpoint_name(st["epoch"], st["global_step"])
         if tag is not None:
@@ -483,6 +637,26 @@ class Trainer:
         dist.barrier()
         return path
 
+    def discard_if_nothing_saved(self) -> None:
+        """A new run that failed before its first checkpoint leaves nothing to resume: remove what
+        it wrote so that the corrected command can run again in the same directory."""
+        import shutil
+
+        if not dist.is_main() or ckpt_io.list_checkpoints(self.save_dir):
+            return
+        _close_file_logging(self.save_dir)
+        if getattr(self, "tb", None) is not None:
+            self.tb.close()
+            self.tb = None
+        for name in rundir.run_entries(self.save_dir):
+            p = self.save_dir / name
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        logger.info("nothing was saved: removed the files of this run from %s", self.save_dir)
+        self.run_dir.lock.release()
+        if self.run_dir.created:
+            with contextlib.suppress(OSError):
+                self.save_dir.rmdir()
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
@@ -490,12 +664,27 @@ class Trainer:
 
 
 def run(cfg: Config) -> dict:
-    """Setup, train, cleanup. Returns the final step and dev metrics."""
+    """Setup, train, cleanup. Returns the final step and dev metrics.
+
+    The run directory's lock is released at the end; ``run_state.json`` records a divergence,
+    an interruption or a failure."""
     trainer = Trainer(cfg)
     try:
         trainer.setup()
         return trainer.train()
+    except BaseException as e:
+        if getattr(trainer, "committed", False):
+            status = ("diverged" if isinstance(e, TrainingAborted) else
+                      "interrupted" if isinstance(e, (TrainingInterrupted, KeyboardInterrupt)) else "failed")
+            ckpt_io.write_run_state(trainer.save_dir, status, step=trainer.state["global_step"],
+                                    message=str(e) or type(e).__name__)
+            if status == "failed" and not cfg.train.resume:
+                trainer.discard_if_nothing_saved()
+        raise
     finally:
         if getattr(trainer, "tb", None) is not None:
             trainer.tb.close()
+        if getattr(trainer, "run_dir", None) is not None:
+            trainer.run_dir.lock.release()
+        _close_file_logging(Path(cfg.train.save_dir))
         dist.cleanup()
