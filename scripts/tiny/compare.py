@@ -434,7 +434,8 @@ def cmd_compare(args) -> None:
 
 # The dev grid: every method gets the same number of dev runs (3): its kd_rate grid (2 points) at
 # the default of its one main knob, plus the knob's other value at the larger rate. SFT: learning
-# rate 2e-3 / 4e-3, plus label smoothing 0.1 at 4e-3. (label, flag of the grid, its values, knob
+# rate 2e-3 / 4e-3, plus label smoothing 0.1 at 4e-3; ULD, which has no temperature: CE + lambda ULD
+# instead of the published (1 - lambda) CE + lambda ULD. (label, flag of the grid, its values, knob
 # flag, default, other value); "none" leaves the flag out.
 GRID = {
     "sft": ("--lr", ["2e-3", "4e-3"], "--label-smoothing", "none", "0.1"),
@@ -442,8 +443,8 @@ GRID = {
     "dskd": ("--kd-rate", ["0.5", "0.9"], "--kd-temperature", "2.0", "1.0"),
     "dskd_cma": ("--kd-rate", ["0.5", "0.9"], "--clip-grad-criterion", "none", "1.0"),
     "mined": ("--kd-rate", ["0.5", "0.9"], "--kd-temperature", "2.0", "1.0"),
-    "uld": ("--kd-rate", ["0.5", "0.9"], "--kd-temperature", "2.0", "1.0"),
-    "multi_level_ot": ("--kd-rate", ["0.5", "2.0"], "--kd-temperature", "3.0", "1.0"),
+    "uld": ("--kd-rate", ["0.5", "0.9"], "--loss-combination", "none", "additive"),
+    "multi_level_ot": ("--kd-rate", ["0.5", "2.0"], "--mlot-temperature", "none", "1.0"),
     "mcw_kd": ("--kd-rate", ["0", "1.0"], "--mcw-exact-kl-weight", "none", "1.0"),
 }
 

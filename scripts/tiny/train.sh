@@ -31,18 +31,22 @@ source "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
 : "${LOG_INTERVAL:=50}"
 : "${PRECISION:=fp32}"
 
+# A student's defaults: the dev-chosen row of scripts/tiny/methods.tsv whose criterion is CRITERION
+row=""
+if [[ "${MODEL}" == student ]]; then
+  row=$(awk -v c="${CRITERION}" '!/^#/ && $2 == c {print $4, $5, $6; exit}' \
+    "${BASE_PATH}/scripts/tiny/methods.tsv")
+fi
+read -r row_rate row_temp row_flags <<< "${row:-0.5 2.0 -}"
+: "${METHOD_FLAGS=$([[ "${row_flags}" == - ]] || echo "${row_flags//,/ }")}"
+EXTRA_ARGS="${METHOD_FLAGS:+${METHOD_FLAGS} }${EXTRA_ARGS:-}"
+
 if [[ "${CRITERION}" != cross_entropy ]]; then
   [[ -n "${TEACHER_MODEL_PATH:-}" ]] || mckd_die "CRITERION=${CRITERION} needs TEACHER_MODEL_PATH"
   : "${TEACHER_MODEL_NAME:=$(basename "$(dirname "$(dirname "$(dirname "${TEACHER_MODEL_PATH}")")")")}"
   : "${TEACHER_MODEL_TYPE:=$([[ "${TEACHER_MODEL_NAME}" == teacher ]] && echo llama || echo gpt2)}"
-  # KD defaults: the dev-chosen row of scripts/tiny/methods.tsv whose criterion is CRITERION
-  row=$(awk -v c="${CRITERION}" '!/^#/ && $2 == c {print $4, $5, $6; exit}' \
-    "${BASE_PATH}/scripts/tiny/methods.tsv")
-  read -r row_rate row_temp row_flags <<< "${row:-0.5 2.0 -}"
   : "${KD_RATE:=${row_rate}}"
   : "${KD_TEMP:=${row_temp}}"
-  : "${METHOD_FLAGS=$([[ "${row_flags}" == - ]] || echo "${row_flags//,/ }")}"
-  EXTRA_ARGS="${METHOD_FLAGS:+${METHOD_FLAGS} }${EXTRA_ARGS:-}"
   case "${CRITERION}" in
     dual_space_kd|dual_space_kd_with_cma|mcw_kd)
       : "${PROJECTOR_CONFIG_PATH:=${BASE_PATH}/configs/projector_config.json}"
