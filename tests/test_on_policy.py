@@ -2,7 +2,9 @@
 every criterion with a teacher accepts, equal to the cached pipeline's batch of the same text.
 
 Tiny random-init models with the real GPT-2 (student) and Qwen1.5 (teacher) tokenizers of
-../shared (skipped when absent); a same-vocabulary GPT-2 teacher for vanilla KD and DSKD.
+../shared (skipped when absent); a same-vocabulary GPT-2 teacher for vanilla KD and DSKD. The
+student samples its eos often (:func:`eos_prone_copy`), so batches mix finished samples and
+samples cut at the token limit.
 """
 from __future__ import annotations
 
@@ -27,11 +29,35 @@ def setup(tiny_models, tmp_path_factory):
     from mckd.models.tokenizers import load_tokenizer
 
     base = tmp_path_factory.mktemp("on_policy")
-    paths = {"student": tiny_models("gpt2"), "teacher": tiny_models("qwen", seed=1),
-             "same": tiny_models("gpt2", seed=1)}
+    paths = {"student": eos_prone_copy(tiny_models("gpt2"), base / "student"),
+             "teacher": tiny_models("qwen", seed=1), "same": tiny_models("gpt2", seed=1)}
     toks = {k: load_tokenizer(str(p), what=k) for k, p in paths.items()}
     data = write_word_data(base / "data", n_train=8)
     return paths, toks, data, base
+
+
+def eos_prone_copy(model_dir, out_dir, p_eos: float = 0.25):
+    """A GPT-2 copy that samples its eos with probability ``p_eos`` at every position: the final
+    norm outputs a constant vector ``c e_0`` (weight 0, bias on dimension 0), and the eos row of the
+    tied embedding gets the dimension-0 value that gives it that probability. Sampled responses
+    then end at different lengths, some before the token limit and some at it."""
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    c = 10.0
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[0] = c
+        wte = model.transformer.wte.weight
+        others = torch.logsumexp(c * torch.cat([wte[: tok.eos_token_id, 0], wte[tok.eos_token_id + 1:, 0]]), 0)
+        wte[tok.eos_token_id, 0] = (float(others) + math.log(p_eos / (1 - p_eos))) / c
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
 
 
 def cached_batch(data_file, s, t, rows, cache_dir, alignment=ALIGN, **kw):
@@ -227,7 +253,8 @@ def test_sampled_batch_is_valid_for_every_criterion(setup, name):
     student = AutoModelForCausalLM.from_pretrained(paths["student"])
     teacher = AutoModelForCausalLM.from_pretrained(paths[teacher_name]).eval()
     m = maker(setup, teacher=teacher_name, alignment=crit.alignment, max_new_tokens=8)
-    batch, _ = m.make_batch(student, cached, seed=5)
+    batch, stats = m.make_batch(student, cached, seed=5)
+    assert 0.0 < stats["finished"] < 1.0  # samples that end with eos and samples cut at the limit
 
     assert sorted(batch) == sorted(cached)
     for pre, tok in (("", s), ("teacher_", t)):
