@@ -290,3 +290,25 @@ def test_sampled_batch_is_valid_for_every_criterion(setup, name):
     (loss / n_tok).backward()
     grads = [p.grad for p in student.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_flags_are_validated():
+    from mckd.config import ConfigError, parse_config
+
+    def parse(*extra, criterion="mcw_kd"):
+        return parse_config(["--model-path", "m", "--teacher-model-path", "t", "--data-dir", "d",
+                             "--save-dir", "s", "--lr", "1e-3", "--criterion", criterion,
+                             "--max-length", "64", "--max-prompt-length", "24", *extra],
+                            check_paths=False)
+
+    assert parse().train.on_policy_ratio == 0.0
+    assert parse().derived["on_policy_max_new_tokens"] == 40
+    assert parse("--on-policy-max-new-tokens", "7").derived["on_policy_max_new_tokens"] == 7
+    for extra, flag in ((("--on-policy-ratio", "1.5"), "--on-policy-ratio"),
+                        (("--on-policy-ratio", "-0.1"), "--on-policy-ratio"),
+                        (("--on-policy-temperature", "0"), "--on-policy-temperature"),
+                        (("--on-policy-max-new-tokens", "0"), "--on-policy-max-new-tokens")):
+        with pytest.raises(ConfigError, match=flag):
+            parse(*extra)
+    with pytest.raises(ConfigError, match="--on-policy-ratio: criterion 'cross_entropy' uses no teacher"):
+        parse("--on-policy-ratio", "0.5", criterion="cross_entropy")
