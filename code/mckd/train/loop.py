@@ -35,9 +35,10 @@ from mckd.criteria.base import CriterionResources, get_criterion_class
 from mckd.data.batch import IGNORE_INDEX, TEACHER_PREFIX
 from mckd.models import loading
 from mckd.train import checkpoint as ckpt_io
-from mckd.train import dev_eval, on_policy, optim
+from mckd.train import dev_eval, optim
 from mckd.train.engine import (DeepSpeedEngine, DistillModule, TorchEngine, fill_deepspeed_config,
                                model_inputs)
+from mckd.train.on_policy import OnPolicyBatches
 from mckd.train.sampling import ResumableDistributedSampler
 
 logger = logging.getLogger("mckd.train")
@@ -79,6 +80,8 @@ def _setup_file_logging(save_dir: Path) -> None:
 
 class Trainer:
     """Build everything from a :class:`Config`, then :meth:`train`."""
+
+    on_policy: OnPolicyBatches | None = None  # set by setup when --on-policy-ratio > 0
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -129,7 +132,7 @@ class Trainer:
                                   f"training examples) but this run has {self._data_layout()}; "
                                   "the data position cannot be carried over")
         self._build_engine()
-        self.on_policy = on_policy.from_config(  # None unless --on-policy-ratio > 0
+        self.on_policy = OnPolicyBatches.from_config(  # None unless --on-policy-ratio > 0
             cfg, student_tokenizer=self.tokenizer, teacher_tokenizer=self.teacher_tokenizer,
             alignment=self.criterion.alignment, rank=self.rank, autocast=self.engine.autocast,
             synced_gpus=self.engine.kind == "deepspeed" and self.engine.zero_stage == 3)

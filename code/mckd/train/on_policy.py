@@ -147,6 +147,24 @@ class OnPolicyBatches:
         if synced_gpus:
             self.gen_kwargs["synced_gpus"] = True
 
+    @classmethod
+    def from_config(cls, cfg, *, student_tokenizer, teacher_tokenizer, alignment, rank: int,
+                    synced_gpus: bool, autocast) -> "OnPolicyBatches | None":
+        """The run's on-policy batch maker, or None when ``--on-policy-ratio`` is 0."""
+        t, d = cfg.train, cfg.data
+        if t.on_policy_ratio <= 0:
+            return None
+        from mckd.data.examples import read_examples
+
+        prompts = [e.prompt for e in read_examples(Path(d.data_dir) / "train.jsonl", limit=d.train_num)]
+        logger.info("on-policy: ratio %.3g, temperature %.3g, up to %d new tokens", t.on_policy_ratio,
+                    t.on_policy_temperature, cfg.derived["on_policy_max_new_tokens"])
+        return cls(ratio=t.on_policy_ratio, temperature=t.on_policy_temperature,
+                   max_new_tokens=cfg.derived["on_policy_max_new_tokens"], seed=t.seed, prompts=prompts,
+                   student_tokenizer=student_tokenizer, teacher_tokenizer=teacher_tokenizer,
+                   alignment=alignment, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+                   rank=rank, synced_gpus=synced_gpus, autocast=autocast)
+
     # ------------------------------------------------------------------ randomness
     def is_on_policy(self, step: int, micro: int) -> bool:
         """The coin of micro-batch ``micro`` of optimizer step ``step`` (identical on every rank)."""
@@ -236,22 +254,3 @@ class OnPolicyBatches:
             out.append(batch)
         return out
 
-
-def from_config(cfg, *, student_tokenizer, teacher_tokenizer, alignment, rank: int,
-                synced_gpus: bool, autocast) -> OnPolicyBatches | None:
-    """The run's :class:`OnPolicyBatches`, or None when ``--on-policy-ratio`` is 0."""
-    t, d = cfg.train, cfg.data
-    if t.on_policy_ratio <= 0:
-        return None
-    from mckd.data.examples import read_examples
-
-    path = Path(d.data_dir) / "train.jsonl"
-    prompts = [e.prompt for e in read_examples(path, limit=d.train_num)]
-    logger.info("on-policy: ratio %.3g, temperature %.3g, up to %d new tokens", t.on_policy_ratio,
-                t.on_policy_temperature, cfg.derived["on_policy_max_new_tokens"])
-    return OnPolicyBatches(
-        ratio=t.on_policy_ratio, temperature=t.on_policy_temperature,
-        max_new_tokens=cfg.derived["on_policy_max_new_tokens"], seed=t.seed, prompts=prompts,
-        student_tokenizer=student_tokenizer, teacher_tokenizer=teacher_tokenizer,
-        alignment=alignment, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
-        rank=rank, synced_gpus=synced_gpus, autocast=autocast)
