@@ -5,6 +5,7 @@ Run (CPU by default, one torch thread; on a GPU add ``--device cuda --dtype bf16
 
     python benchmarks/bench_on_policy.py                          # B=4, prompts <= 256, 256 new tokens
     python benchmarks/bench_on_policy.py --batch 2 --steps-once --json benchmarks/results/cpu_on_policy.json
+    python benchmarks/bench_on_policy.py --batch 2 --no-steps --json benchmarks/results/cpu_on_policy.json
     python benchmarks/bench_on_policy.py --device cuda --dtype bf16 --full-depth --batch 8
 
 The published lengths: prompts of up to 256 student tokens (the ``--batch`` longest prompts of the
@@ -98,6 +99,8 @@ def main(argv=None) -> int:
     p.add_argument("--student-layers", type=int, default=12)
     p.add_argument("--teacher-layers", type=int, default=1)
     p.add_argument("--full-depth", action="store_true", help="24-layer teacher (GPU)")
+    p.add_argument("--no-steps", dest="steps", action="store_false",
+                   help="skip the two training-step rows (generation and re-tokenisation only)")
     p.add_argument("--steps-once", action="store_true",
                    help="time the two training-step rows once each, in the first round, after one "
                         "shared warm-up step (CPU: an MCW-KD step at these lengths takes minutes)")
@@ -124,7 +127,7 @@ def main(argv=None) -> int:
                                     prompts=prompts, alignment=feats, **common)
               for name, feats in FEATURES.items()}
     student, teacher, t_layers = build_models(args)
-    step = make_train_step(student, teacher, args)
+    step = make_train_step(student, teacher, args) if args.steps else None
     gen_maker = makers["dtw"]
     samples = gen_maker.sample(student, off_batch, seed=1)
     on_batch, stats = gen_maker.build(off_batch, *samples)
@@ -143,10 +146,11 @@ def main(argv=None) -> int:
     for name, m in makers.items():
         fns[f"retok_align:{name}"] = (lambda m=m: m.build(off_batch, *samples))
     fns["retok_align_dolly:mined+dtw"] = lambda: makers["mined+dtw"].build(*dolly)
-    fns["step_on_policy"] = lambda: step(on_batch)
-    fns["step_off_policy"] = lambda: step(off_batch)
+    if args.steps:
+        fns["step_on_policy"] = lambda: step(on_batch)
+        fns["step_off_policy"] = lambda: step(off_batch)
     once = ("step_on_policy", "step_off_policy") if args.steps_once else ()
-    if args.steps_once:
+    if args.steps and args.steps_once:
         step(off_batch)  # AdamW allocates its state on the first step: not part of either row
     times = harness.time_interleaved(fns, args.device, args.repeats, once=once)
     rows = [{"row": n, "B": args.batch, "device": args.device, "dtype": args.dtype, **harness.summary(t)}
@@ -157,9 +161,10 @@ def main(argv=None) -> int:
     gen = med["generation"]
     for name in FEATURES:
         print(f"# retok_align:{name} / generation = {med[f'retok_align:{name}'] / gen:.4f}")
-    on = gen + med["retok_align:dtw"] + med["step_on_policy"]
-    print(f"# on-policy step (generation + retok_align:dtw + step_on_policy) = {on:.0f} ms = "
-          f"{on / med['step_off_policy']:.1f}x the off-policy step ({med['step_off_policy']:.0f} ms)")
+    if args.steps:
+        on = gen + med["retok_align:dtw"] + med["step_on_policy"]
+        print(f"# on-policy step (generation + retok_align:dtw + step_on_policy) = {on:.0f} ms = "
+              f"{on / med['step_off_policy']:.1f}x the off-policy step ({med['step_off_policy']:.0f} ms)")
     return harness.finish(rows, args.json)
 
 
