@@ -144,6 +144,12 @@ class TrainingConfig:
                                             "moving mean for --divergence-patience steps in a row "
                                             "(0: off)")
     divergence_patience: int = opt(3, "consecutive far-above steps that count as divergence")
+    on_policy_ratio: float = opt(0.0, "probability that a micro-batch's responses are replaced by "
+                                      "the student's own samples, re-tokenised and aligned for "
+                                      "the teacher on the fly (0: off-policy only)")
+    on_policy_temperature: float = opt(1.0, "sampling temperature of the on-policy responses")
+    on_policy_max_new_tokens: int | None = opt(None, "most tokens per on-policy response (default: "
+                                                     "--max-length - --max-prompt-length)", type=int)
 
 
 @dataclass
@@ -448,6 +454,10 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     _need(not (t.resume and t.overwrite), "--resume", "cannot be combined with --overwrite")
     _need(0.0 < e.top_p <= 1.0, "--top-p", "must be in (0, 1]")
     _need(e.temperature > 0, "--temperature", "must be positive")
+    _need(0.0 <= t.on_policy_ratio <= 1.0, "--on-policy-ratio", "must be in [0, 1]")
+    _need(t.on_policy_temperature > 0, "--on-policy-temperature", "must be positive")
+    _need(t.on_policy_max_new_tokens is None or t.on_policy_max_new_tokens > 0,
+          "--on-policy-max-new-tokens", f"must be positive (got {t.on_policy_max_new_tokens})")
     _need(p.peft_path is None or p.peft == "lora", "--peft-path", "needs --peft lora")
     _need(not (dist.deepspeed and dist.deepspeed_config is None), "--deepspeed",
           "needs --deepspeed_config <json>")
@@ -460,6 +470,8 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     _need(not crit_cls.needs_teacher or m.teacher_model_path is not None, "--teacher-model-path",
           f"criterion {m.criterion!r} distils from a teacher: pass --teacher-model-path")
     validate_criterion_args(cfg.criterion_args, crit_cls)
+    _need(t.on_policy_ratio == 0 or crit_cls.needs_teacher, "--on-policy-ratio",
+          f"criterion {m.criterion!r} uses no teacher to score the student's samples")
     if not check_paths:
         return
     for flag, path in (("--model-path", m.model_path), ("--teacher-model-path", m.teacher_model_path),
@@ -615,6 +627,8 @@ def resolve(cfg: Config) -> None:
                                            * cfg.derived["world_size"])
     cfg.derived["max_new_tokens"] = cfg.eval.max_new_tokens or (cfg.data.max_length
                                                                  - cfg.data.max_prompt_length)
+    cfg.derived["on_policy_max_new_tokens"] = t.on_policy_max_new_tokens or (
+        cfg.data.max_length - cfg.data.max_prompt_length)
     cfg.derived["git_commit"] = git_commit()
 
 

@@ -2,7 +2,9 @@
 
 Per optimizer step (DESIGN 2, STYLE 3-5):
 
-1. draw ``gas`` micro-batches; count their label tokens and all-reduce the count once (``T``);
+1. draw ``gas`` micro-batches (with ``--on-policy-ratio``, some are replaced by the student's own
+   samples: :mod:`mckd.train.on_policy`); count their label tokens and all-reduce the count once
+   (``T``);
 2. ``criterion.set_progress(step, total_steps)``;
 3. per micro-batch: teacher forward (``no_grad``, eval), student forward + criterion inside the
    wrapped module, ``loss = loss_sum * engine.loss_scale(T)``, backward (DDP reduces on the last
@@ -45,6 +47,7 @@ from mckd.train.guards import (DivergenceMonitor, StopSignals, TrainingAborted, 
                                TrainingInterrupted, all_finite, non_finite_metrics)
 from mckd.train.engine import (DeepSpeedEngine, DistillModule, TorchEngine, fill_deepspeed_config,
                                model_inputs)
+from mckd.train.on_policy import OnPolicyBatches
 from mckd.train.sampling import ResumableDistributedSampler
 
 logger = logging.getLogger("mckd.train")
@@ -85,6 +88,8 @@ def _close_file_logging(save_dir: Path) -> None:
 
 class Trainer:
     """Build everything from a :class:`Config`, then :meth:`train`."""
+
+    on_policy: OnPolicyBatches | None = None  # set by setup when --on-policy-ratio > 0
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -157,6 +162,10 @@ class Trainer:
                                   f"training examples) but this run has {self._data_layout()}; "
                                   "the data position cannot be carried over")
         self._build_engine()
+        self.on_policy = OnPolicyBatches.from_config(  # None unless --on-policy-ratio > 0
+            cfg, student_tokenizer=self.tokenizer, teacher_tokenizer=self.teacher_tokenizer,
+            alignment=self.criterion.alignment, rank=self.rank, autocast=self.engine.autocast,
+            synced_gpus=self.engine.kind == "deepspeed" and self.engine.zero_stage == 3)
         # best_dev_loss / evals_without_improvement: early stopping (--early-stop-patience)
         self.state = {"global_step": 0, "epoch": 0, "consumed": 0, "nan_streak": 0,
                       "best_dev_loss": None, "evals_without_improvement": 0}
@@ -351,6 +360,8 @@ class Trainer:
     def _step(self, micro: list[dict], acc: dict) -> tuple[float, bool]:
         step = self.state["global_step"]
         dev = self.device
+        if self.on_policy is not None:  # some micro-batches get the student's own responses
+            micro = self.on_policy.replace(micro, step, self.engine.raw.student, acc, dev)
         local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)
         total = dist.all_reduce_sum(torch.tensor(float(local_tokens), device=dev))  # one all-reduce
         scale = self.engine.loss_scale(total)
