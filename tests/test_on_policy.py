@@ -197,7 +197,7 @@ def test_replace_keeps_off_policy_batches_and_logs(setup):
     assert set(acc) == {"stat/on_policy", "stat/on_policy_finished", "stat/on_policy_retokenized"}
 
 
-def _criterion(name, paths, toks, teacher, *extra):
+def _criterion(name, paths, toks, teacher, *extra, models=(None, None)):
     from mckd.config import parse_config
     from mckd.criteria.base import CriterionResources, get_criterion_class
     from mckd.models.loading import read_dims
@@ -208,7 +208,7 @@ def _criterion(name, paths, toks, teacher, *extra):
             "--projector-config-path", pc, *extra]
     ns = parse_config(argv, check_paths=False).namespace()
     dims = read_dims(str(paths["student"]), str(paths[teacher]))
-    res = CriterionResources(toks["student"], toks[teacher], pc)
+    res = CriterionResources(toks["student"], toks[teacher], pc, *models)
     return get_criterion_class(name).from_args(ns, dims, res)
 
 
@@ -221,6 +221,10 @@ CRITERIA = {  # name -> (teacher, extra flags)
     "multi_level_ot": ("teacher", []),
     "mcw_kd": ("teacher", ["--mcw-top-k", "20"]),
     "mcw_kd:reference": ("teacher", ["--mcw-preset", "reference", "--mcw-top-k", "20"]),
+    "mcw_kd:exact": ("teacher", ["--mcw-top-k", "20", "--exact-align"]),
+    "dual_space_kd_v2": ("teacher", []),
+    "uld_hybrid": ("teacher", []),
+    "dwa_kd": ("teacher", []),
 }
 
 
@@ -247,11 +251,11 @@ def test_sampled_batch_is_valid_for_every_criterion(setup, name):
     if "--teacher-to-student-id-mapping" in extra:
         extra = extra + [str(shared_path("reference", "vocab_alignment", "qwen_to_gpt2",
                                          "tea2stu_id_mapping.json"))]
-    crit = _criterion(name.split(":")[0], paths, toks, teacher_name, *extra)
-    s, t = toks["student"], toks[teacher_name]
-    cached = cached_batch(data / "train.jsonl", s, t, [1, 4, 7], base, alignment=crit.alignment)
     student = AutoModelForCausalLM.from_pretrained(paths["student"])
     teacher = AutoModelForCausalLM.from_pretrained(paths[teacher_name]).eval()
+    crit = _criterion(name.split(":")[0], paths, toks, teacher_name, *extra, models=(student, teacher))
+    s, t = toks["student"], toks[teacher_name]
+    cached = cached_batch(data / "train.jsonl", s, t, [1, 4, 7], base, alignment=crit.alignment)
     m = maker(setup, teacher=teacher_name, alignment=crit.alignment, max_new_tokens=8)
     batch, stats = m.make_batch(student, cached, seed=5)
     assert 0.0 < stats["finished"] < 1.0  # samples that end with eos and samples cut at the limit
