@@ -52,7 +52,11 @@ class ModelView:
     @property
     def lm_head_weight(self) -> torch.Tensor:
         """(V, D) output-head weight."""
-        return self.lm_head.weight
+        w = getattr(self.lm_head, "weight", None)
+        if w is None:
+            raise ValueError(f"ModelView: the output head {self.lm_head!r} has no weight (a teacher "
+                             "cache built without lm_head?); declare it in Criterion.teacher_modules")
+        return w
 
 
 @dataclass
@@ -93,12 +97,16 @@ class Criterion(nn.Module):
         alignment: names of alignment features the data pipeline must deliver in the batch
             (see :mod:`mckd.data.alignment`), e.g. ``("mined_dtw",)``.
         cross_tokenizer: True when teacher and student may use different tokenizers.
+        teacher_modules: teacher parts read besides logits and hidden states, of
+            ``("embed_tokens", "lm_head")``; an offline teacher cache must hold them (checked at
+            start-up).
     """
 
     needs_teacher: ClassVar[bool] = False
     needs_hidden: ClassVar[bool] = False
     alignment: tuple[str, ...] = ()  # class default; an instance may narrow it from its options
     cross_tokenizer: ClassVar[bool] = False
+    teacher_modules: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def add_args(cls, parser) -> None:

@@ -51,6 +51,7 @@ class MCWKD(Criterion):
 
     needs_teacher = True
     needs_hidden = True
+    teacher_modules = ("embed_tokens", "lm_head")
     # The published edit-distance DTW cost comes precomputed from the data pipeline. Only the
     # ``dtw`` alignment cost uses it; the instance attribute says whether this instance needs it.
     alignment = ("dtw",)

@@ -4,7 +4,8 @@ Per optimizer step (DESIGN 2, STYLE 3-5):
 
 1. draw ``gas`` micro-batches; count their label tokens and all-reduce the count once (``T``);
 2. ``criterion.set_progress(step, total_steps)``;
-3. per micro-batch: teacher forward (``no_grad``, eval), student forward + criterion inside the
+3. per micro-batch: the teacher's view (a live forward, ``no_grad``, eval, or the offline teacher
+   cache: :mod:`mckd.train.teacher_source`), student forward + criterion inside the
    wrapped module, ``loss = loss_sum * engine.loss_scale(T)``, backward (DDP reduces on the last
    micro-batch only);
 4. clip + optimizer + scheduler step (skipped when the gradient is not finite), then
@@ -30,12 +31,11 @@ import torch
 from mckd import dist
 from mckd.config import Config, ConfigError, finalize, load_deepspeed_json, write_args_json
 from mckd.criteria.base import CriterionResources, get_criterion_class
-from mckd.data.batch import IGNORE_INDEX, TEACHER_PREFIX
+from mckd.data.batch import IGNORE_INDEX
 from mckd.models import loading
 from mckd.train import checkpoint as ckpt_io
-from mckd.train import dev_eval, optim
-from mckd.train.engine import (DeepSpeedEngine, DistillModule, TorchEngine, fill_deepspeed_config,
-                               model_inputs)
+from mckd.train import dev_eval, optim, teacher_source
+from mckd.train.engine import DeepSpeedEngine, DistillModule, TorchEngine, fill_deepspeed_config
 from mckd.train.sampling import ResumableDistributedSampler
 
 logger = logging.getLogger("mckd.train")
@@ -157,18 +157,14 @@ class Trainer:
             gradient_checkpointing=m.gradient_checkpointing, declared_type=m.model_type,
             peft=p.peft, lora_r=p.peft_lora_r, lora_alpha=p.peft_lora_alpha,
             lora_dropout=p.peft_lora_dropout, lora_target_modules=targets, peft_path=peft_path)
-        self.teacher = self.teacher_tokenizer = None
-        if m.teacher_model_path is not None and self.crit_cls.needs_teacher:
-            self.teacher, self.teacher_tokenizer, _ = loading.load_teacher(
-                m.teacher_model_path, dtype=cfg.derived["teacher_load_dtype"],
-                declared_type=m.teacher_model_type, peft_path=p.teacher_peft_path)
-        elif m.teacher_model_path is not None:
-            logger.warning("criterion %s uses no teacher: --teacher-model-path is ignored", m.criterion)
-        dims = loading.read_dims(m.model_path, m.teacher_model_path if self.teacher is not None else None)
+        self.teacher_source = teacher_source.load_teacher_source(cfg, self.crit_cls)
+        self.teacher, self.teacher_tokenizer = self.teacher_source.model, self.teacher_source.tokenizer
+        dims = loading.read_dims(m.model_path, self.teacher_source.config_path)
         resources = CriterionResources(student_tokenizer=self.tokenizer,
                                        teacher_tokenizer=self.teacher_tokenizer,
                                        projector_config_path=self.cfg.criterion_args.get("projector_config_path"))
         self.criterion = self.crit_cls.from_args(self.ns, dims, resources)
+        self.teacher_source.check_criterion(self.criterion)
         self.cfg.derived["model_dims"] = vars(dims)
         self.cfg.derived["student_family"] = self.family
 
@@ -190,7 +186,8 @@ class Trainer:
                                              student_tokenizer=self.tokenizer, limit=d.dev_num, **kw)
             dist.barrier()
         tpad = self.teacher_tokenizer.pad_token_id if self.teacher_tokenizer is not None else None
-        self.collator = DistillCollator(self.tokenizer.pad_token_id, tpad, alignment=align)
+        self.collator = self.teacher_source.wrap_collator(
+            DistillCollator(self.tokenizer.pad_token_id, tpad, alignment=align), self.train_set)
         self.dev_collator = DistillCollator(self.tokenizer.pad_token_id)
         self.dev_prompts = []
         if e.eval_gen:
@@ -220,16 +217,8 @@ class Trainer:
         else:
             self.engine = TorchEngine(module, opt, sched, device=self.device, precision=t.precision,
                                       clip_grad=t.clip_grad)
-        if self.teacher is not None:
-            if self.ds_cfg is not None and self.engine.zero_stage == 3:
-                import deepspeed
-
-                inf_cfg = {k: v for k, v in self.ds_cfg.items() if k not in ("optimizer", "scheduler")}
-                self.teacher = deepspeed.initialize(model=self.teacher, config=inf_cfg,
-                                                    dist_init_required=False)[0].module
-            else:
-                self.teacher.to(self.device)
-            self.teacher.eval()
+        zero3 = self.ds_cfg is not None and self.engine.zero_stage == 3
+        self.teacher = self.teacher_source.place(self.device, self.ds_cfg, zero3)
 
     def _open_writers(self) -> None:
         self.tb = None
@@ -251,13 +240,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _teacher_view(self, batch: dict):
-        if self.teacher is None:
-            return None
-        need_h = self.criterion.needs_hidden
-        with torch.no_grad(), self.engine.autocast():
-            out = self.teacher(**model_inputs(self.teacher, batch, TEACHER_PREFIX),
-                               output_hidden_states=need_h, use_cache=False)
-        return loading.model_view(self.teacher, out, with_hidden=need_h)
+        return self.teacher_source.view(batch, self.criterion.needs_hidden, self.engine.autocast)
 
     def _step(self, micro: list[dict], acc: dict) -> tuple[float, bool]:
         step = self.state["global_step"]
