@@ -237,3 +237,36 @@ def test_a_build_killed_mid_way_resumes_where_it_stopped(pair, cache, tmp_path):
                                x["tail_logmass"][None], ones, ref.vocab) for x in (a, b))
         assert torch.allclose(za, zb, rtol=1e-5, atol=1e-5), e
     assert verify_cache(out) == 16
+
+
+# --------------------------------------------------------------------------- scripts
+def test_scripts_build_the_cache_and_train_from_it(tmp_path):
+    import shlex
+
+    from test_scripts import parse, run_script, split_command
+
+    out = run_script(ROOT / "scripts/gpt2/teacher_cache_qwen.sh", GPUS="0,1", TEACHER_MODEL_PATH="/m/qwen-sft",
+                     TOP_K=64).stdout.strip()
+    argv = shlex.split(out)
+    i = argv.index("mckd.teacher_cache")
+    assert argv[:3] == ["torchrun", "--nproc_per_node", "2"] and argv[i - 1] == "-m"
+    from mckd.teacher_cache.__main__ import _parser
+
+    args = _parser().parse_args(argv[i + 1:])
+    assert (args.teacher_model_path, args.top_k, args.dtype, args.teacher_dtype) == ("/m/qwen-sft", 64, "bf16", "bf16")
+    assert (args.max_length, args.max_prompt_length) == (512, 256) and args.data_dir == str(ROOT / "data" / "dolly")
+    assert args.output == str(ROOT / "outputs/teacher_cache/qwen/Qwen1.5-1.8B/dolly-L512-k64-bf16")
+    # the LoRA teacher: base model + adapter; CPU: plain python
+    out = run_script(ROOT / "scripts/tinyllama/teacher_cache_mistral.sh", GPUS="",
+                     TEACHER_PEFT_PATH="/a/mistral-lora", TEACHER_CACHE=str(tmp_path / "c")).stdout
+    argv = shlex.split(out.strip().splitlines()[-1])
+    assert argv[:3] == [sys.executable, "-m", "mckd.teacher_cache"]
+    args = _parser().parse_args(argv[3:])
+    assert args.teacher_peft_path == "/a/mistral-lora" and args.output == str(tmp_path / "c")
+    assert args.teacher_model_path == str(ROOT / "model_hub/mistral/mistral-7b-v0.1")
+    # a KD script with TEACHER_CACHE: --teacher-cache, no teacher, no SFT checkpoint needed
+    for script in ("gpt2/multicost_gpt2_base.sh", "tinyllama/dskd_cma_tinyllama.sh"):
+        launch, args = split_command(run_script(ROOT / "scripts" / script, GPUS="0", TEACHER_CACHE="/c").stdout)
+        cfg = parse(args)
+        assert cfg.model.teacher_cache == "/c" and cfg.model.teacher_model_path is None
+        assert cfg.peft.teacher_peft_path is None and cfg.namespace().kd_rate > 0
