@@ -143,3 +143,30 @@ def test_cache_under_deepspeed_zero_stages(pair, caches, live_reference, tmp_pat
                                   "--deepspeed", "--deepspeed_config", ds)) == 0
     # DeepSpeed reports no gradient norm at every stage (nan in the log)
     _compare(live_reference, _rows(save), 1e-4, skip=("tokens_per_s", "grad_norm"))
+
+
+@pytest.mark.distributed
+def test_build_under_torchrun_splits_the_shards(pair, caches, tmp_path):
+    """2 ranks build the cache together (shards r, r + 2, ...): the same examples and values as one
+    process, and a complete manifest written once."""
+    import torch
+
+    from mckd.teacher_cache.shards import TeacherCacheReader, dense_logits
+
+    out = tmp_path / "c"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "code"), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _port(),
+           "-m", "mckd.teacher_cache", "build", "--teacher-model-path", str(pair["teacher"]), "--data-dir",
+           str(pair["data"]), "--output", str(out), "--max-length", "48", "--max-prompt-length", "32",
+           "--top-k", "1000000", "--dtype", "fp32", "--batch-size", "2", "--shard-size", "3"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    got, ref = TeacherCacheReader(out), TeacherCacheReader(caches["teacher"])
+    assert got.manifest["complete"] and got.manifest["n_shards"] == 6
+    assert sorted(got.index) == sorted(ref.index)
+    for e in ref.index:
+        a, b = got.example(e), ref.example(e)
+        ones = torch.ones(1, len(a["input_ids"]), dtype=torch.bool)
+        za, zb = (dense_logits(x["topk_values"][None], x["topk_ids"][None], x["logsumexp"][None],
+                               x["tail_logmass"][None], ones, ref.vocab) for x in (a, b))
+        assert torch.allclose(za, zb, rtol=1e-5, atol=1e-5) and torch.allclose(a["hidden"], b["hidden"], atol=1e-5)
