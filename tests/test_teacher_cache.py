@@ -192,6 +192,24 @@ def test_a_criterion_needing_what_the_cache_lacks_fails_at_start_up(pair, tmp_pa
     assert "training examples are not in the cache" in capsys.readouterr().err
 
 
+def test_a_bf16_top_k_cache_trains_an_fp32_run(pair, tmp_path):
+    """The default kind of cache (bf16, top-k < V) feeds an fp32 run through every cached input
+    (MCW-KD reads logits, hidden states, the embedding table and the head); values stay close to
+    the live teacher's."""
+    c = tmp_path / "bf16"
+    tcs.build(pair["teacher"], pair["data"], c, top_k=16, dtype="bf16", teacher_dtype="fp32")
+    reader = TeacherCacheReader(c)
+    assert reader.top_k == 16 < reader.vocab and reader.dtype == torch.bfloat16
+    rows = {}
+    for name, extra in (("cached", ("--teacher-cache", c)), ("live", ("--teacher-model-path", pair["teacher"]))):
+        argv = _argv(pair, tmp_path / name, *extra, "--log-interval", "1", criterion="mcw_kd")
+        assert run_distillation(argv) == 0
+        rows[name] = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
+    for k in ("loss", "kd_loss", "ot_logits", "ot_hidden"):
+        assert math.isfinite(rows["cached"][k])
+        assert rows["cached"][k] == pytest.approx(rows["live"][k], rel=0.05), k
+
+
 # --------------------------------------------------------------------------- resume after kill -9
 def _build_cmd(pair, out):
     return [sys.executable, "-m", "mckd.teacher_cache", "build", "--teacher-model-path", str(pair["teacher"]),
