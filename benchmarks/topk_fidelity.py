@@ -75,12 +75,13 @@ def zipf_logits(mask: torch.Tensor, vocab: int, alpha_min: float, alpha_max: flo
     return z
 
 
-def criterion(name: str, dims, resources, mined_map: Path | None):
+def criterion(name: str, dims, resources, mined_map: Path | None, temperature: float = 1.0):
     from mckd.config import parse_config
     from mckd.criteria.base import get_criterion_class
 
     argv = ["--model-path", "s", "--teacher-model-path", "t", "--data-dir", "d", "--save-dir", "o", "--lr", "1",
-            "--criterion", name, "--projector-config-path", str(harness.ROOT / "configs" / "projector_config.json")]
+            "--criterion", name, "--projector-config-path", str(harness.ROOT / "configs" / "projector_config.json"),
+            "--kd-temperature", str(temperature)]
     if name == "min_edit_dis_kld":
         argv += ["--teacher-to-student-id-mapping", str(mined_map)]
     ns = parse_config(argv, check_paths=False).namespace()
@@ -136,8 +137,9 @@ def measure_pair(pair: str, args) -> list[dict]:
     dims_same = ModelDims(student_hidden=64, student_vocab=teacher.config.vocab_size, teacher_hidden=64,
                           teacher_vocab=teacher.config.vocab_size)
     mined_map = SHARED / "reference" / "vocab_alignment" / map_dir / "tea2stu_id_mapping.json"
-    crits = {n: criterion(n, dims, CriterionResources(stok, ttok), mined_map) for n in CROSS}
-    crits.update({n: criterion(n, dims_same, CriterionResources(ttok, ttok), None) for n in SAME})
+    tau = args.kd_temperature
+    crits = {n: criterion(n, dims, CriterionResources(stok, ttok), mined_map, tau) for n in CROSS}
+    crits.update({n: criterion(n, dims_same, CriterionResources(ttok, ttok), None, tau) for n in SAME})
     align = tuple(sorted({a for c in crits.values() for a in c.alignment}))
     rows: dict[tuple, dict] = {}
     stats = {k: [] for k in ("entropy", "top1")}
@@ -189,11 +191,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--batches", type=int, default=2)
     p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--kd-temperature", type=float, default=1.0,
+                   help="--kd-temperature of the criteria (the published scripts use 2.0-3.0); MCW-KD's "
+                        "sequence temperature (2.0) and Multi-Level OT's (2.0) are their own defaults")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json")
     args = p.parse_args(argv)
     harness.configure_cpu(args.threads)
-    print(f"# {harness.machine()}", flush=True)
+    print(f"# {harness.machine()}; --kd-temperature {args.kd_temperature}", flush=True)
     results = []
     for pair in args.pairs:
         rows = measure_pair(pair, args)

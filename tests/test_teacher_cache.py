@@ -192,7 +192,7 @@ def test_a_criterion_needing_what_the_cache_lacks_fails_at_start_up(pair, tmp_pa
     assert "training examples are not in the cache" in capsys.readouterr().err
 
 
-def test_a_bf16_top_k_cache_trains_an_fp32_run(pair, tmp_path):
+def test_a_bf16_top_k_cache_trains_an_fp32_run(pair, tmp_path, capsys):
     """The default kind of cache (bf16, top-k < V) feeds an fp32 run through every cached input
     (MCW-KD reads logits, hidden states, the embedding table and the head); values stay close to
     the live teacher's."""
@@ -200,9 +200,14 @@ def test_a_bf16_top_k_cache_trains_an_fp32_run(pair, tmp_path):
     tcs.build(pair["teacher"], pair["data"], c, top_k=16, dtype="bf16", teacher_dtype="fp32")
     reader = TeacherCacheReader(c)
     assert reader.top_k == 16 < reader.vocab and reader.dtype == torch.bfloat16
+    # the logit OT compares the teacher's top --mcw-top-k logits one by one: more than stored is refused
+    assert run_distillation(_argv(pair, tmp_path / "r", "--teacher-cache", c, "--mcw-top-k", "50",
+                                  criterion="mcw_kd")) == 2
+    assert "reads the teacher's top 50 logits rank by rank, this cache stores 16" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
     rows = {}
     for name, extra in (("cached", ("--teacher-cache", c)), ("live", ("--teacher-model-path", pair["teacher"]))):
-        argv = _argv(pair, tmp_path / name, *extra, "--log-interval", "1", criterion="mcw_kd")
+        argv = _argv(pair, tmp_path / name, *extra, "--log-interval", "1", "--mcw-top-k", "16", criterion="mcw_kd")
         assert run_distillation(argv) == 0
         rows[name] = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
     for k in ("loss", "kd_loss", "ot_logits", "ot_hidden"):

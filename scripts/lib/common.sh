@@ -259,11 +259,11 @@ mckd_train() {
 
 # mckd_teacher_cache: build the offline teacher cache of TEACHER_MODEL_PATH (+ TEACHER_PEFT_PATH) on
 # DATA_DIR/train.jsonl (python -m mckd.teacher_cache build), print it (DRY_RUN=1) or run it; a
-# rerun resumes an interrupted build. Variables (all overridable): TOP_K (256), CACHE_DTYPE (bf16),
+# rerun resumes an interrupted build. Variables (all overridable): TOP_K (1024), CACHE_DTYPE (bf16),
 # PRECISION (dtype the teacher runs in; bf16), CACHE_BATCH_SIZE (8), SHARD_SIZE (256),
 # CACHE_STORE (logits,hidden,embed_tokens,lm_head), TEACHER_CACHE (output directory).
 mckd_teacher_cache() {
-  : "${TOP_K:=256}"
+  : "${TOP_K:=1024}"
   : "${CACHE_DTYPE:=bf16}"
   : "${PRECISION:=bf16}"
   : "${CACHE_BATCH_SIZE:=8}"

@@ -100,6 +100,9 @@ class Criterion(nn.Module):
         teacher_modules: teacher parts read besides logits and hidden states, of
             ``("embed_tokens", "lm_head")``; an offline teacher cache must hold them (checked at
             start-up).
+        teacher_ranks: (instance) how many of the teacher's largest logits per position the
+            criterion reads one by one, ranked (e.g. an OT over the top-k probabilities); a top-k
+            teacher cache must store at least that many (checked at start-up). None: no such term.
     """
 
     needs_teacher: ClassVar[bool] = False
@@ -107,6 +110,7 @@ class Criterion(nn.Module):
     alignment: tuple[str, ...] = ()  # class default; an instance may narrow it from its options
     cross_tokenizer: ClassVar[bool] = False
     teacher_modules: ClassVar[tuple[str, ...]] = ()
+    teacher_ranks: int | None = None
 
     @classmethod
     def add_args(cls, parser) -> None:

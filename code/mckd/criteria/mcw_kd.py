@@ -98,6 +98,11 @@ class MCWKD(Criterion):
         self.register_load_state_dict_post_hook(_sync_progress_after_load)
 
     @property
+    def teacher_ranks(self) -> int:
+        """The logit OT compares the teacher's top ``--mcw-top-k`` logits rank by rank."""
+        return self.options.top_k
+
+    @property
     def ot_projector(self) -> nn.Module:
         """Teacher hidden -> student space (``ot`` in configs/projector_config.json)."""
         return self.projectors["ot"]

@@ -123,7 +123,7 @@ def _forward_rows(teacher, rows: list[dict], collator, device, *, k: int, dtype:
 
 
 def build_cache(*, teacher_model_path: str, output: str, data_file: str, teacher_peft_path: str | None = None,
-                max_length: int = 512, max_prompt_length: int = 256, top_k: int = 256, dtype: str = "bf16",
+                max_length: int = 512, max_prompt_length: int = 256, top_k: int = 1024, dtype: str = "bf16",
                 teacher_dtype: str | None = None, store: tuple[str, ...] = CONTENTS, batch_size: int = 8,
                 shard_size: int = 256, limit: int = -1, overwrite: bool = False,
                 device: str | None = None) -> dict:

@@ -144,11 +144,16 @@ class CachedTeacher:
                 f"--teacher-cache {self.directory}: criterion {name} reads the teacher's "
                 f"{', '.join(missing)}, which this cache does not hold (it stores {', '.join(self.store)}); "
                 f"rebuild it with --store {','.join(dict.fromkeys(self.store + missing))}")
+        ranks, k = getattr(criterion, "teacher_ranks", None), self.reader.top_k
+        if ranks is not None and min(ranks, self.vocab) > k:
+            raise TeacherCacheError(
+                f"--teacher-cache {self.directory}: criterion {name} reads the teacher's top {ranks} logits "
+                f"rank by rank, this cache stores {k}; rebuild it with --top-k {ranks} or more")
         self.need_hidden = criterion.needs_hidden
-        if self.reader.top_k < self.vocab:
-            logger.info("teacher cache: top-%d of %d logits per position; the other %d ids share the "
-                        "stored tail mass uniformly", self.reader.top_k, self.vocab,
-                        self.vocab - self.reader.top_k)
+        if k < self.vocab:
+            logger.warning("teacher cache: top-%d of %d logits per position; the other %d ids share the stored "
+                           "tail mass uniformly (terms over the whole distribution are approximate, more so "
+                           "at temperatures > 1: docs/teacher_cache.md)", k, self.vocab, self.vocab - k)
 
     def wrap_collator(self, collator, train_set):
         """The training collator plus the cached tensors; every training example must be cached."""
