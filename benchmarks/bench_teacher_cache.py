@@ -36,11 +36,9 @@ full-depth teacher is measured by the probe)::
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import resource
-import statistics
 import sys
 import tempfile
 import time

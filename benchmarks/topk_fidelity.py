@@ -21,14 +21,16 @@ teacher's own vocabulary for vanilla KD and DSKD). Batches: held-out Dolly examp
 (../shared/data/dolly/valid.jsonl) tokenised by the real tokenizers. Projectors are random (seeded):
 the numbers measure the teacher-logit path only.
 
-Run::
+Run (the table of docs/teacher_cache.md)::
 
-    python benchmarks/topk_fidelity.py --json benchmarks/results/topk_fidelity.json
+    python benchmarks/topk_fidelity.py --pairs qwen-gpt2 --batches 1 --max-length 96 --json benchmarks/results/topk_fidelity_qwen.json
+    python benchmarks/topk_fidelity.py --pairs mistral-tinyllama --batches 1 --max-length 96 --json benchmarks/results/topk_fidelity_mistral.json
+    python benchmarks/topk_fidelity.py --pairs mistral-tinyllama --batches 1 --max-length 96 --kd-temperature 2 \
+        --json benchmarks/results/topk_fidelity_mistral_t2.json
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
