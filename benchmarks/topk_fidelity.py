@@ -25,8 +25,7 @@ Run (the table of docs/teacher_cache.md)::
 
     python benchmarks/topk_fidelity.py --pairs qwen-gpt2 --batches 1 --max-length 96 --json benchmarks/results/topk_fidelity_qwen.json
     python benchmarks/topk_fidelity.py --pairs mistral-tinyllama --batches 1 --max-length 96 --json benchmarks/results/topk_fidelity_mistral.json
-    python benchmarks/topk_fidelity.py --pairs mistral-tinyllama --batches 1 --max-length 96 --kd-temperature 2 \
-        --json benchmarks/results/topk_fidelity_mistral_t2.json
+    # and each again with --kd-temperature 2 (topk_fidelity_{qwen,mistral}_t2.json)
 """
 from __future__ import annotations
 
