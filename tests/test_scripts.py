@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted((ROOT / "scripts" / "gpt2").glob("*.sh")) + sorted((ROOT / "scripts" / "tinyllama").glob("*.sh"))
+SCRIPTS = [p for d in ("gpt2", "tinyllama") for p in sorted((ROOT / "scripts" / d).glob("*.sh"))
+           if not p.name.startswith("teacher_cache_")]  # cache builders: tests/test_teacher_cache.py
 
 # script -> (criterion, student path tail, batch, accumulation, lr, epochs, kd rate or None, lora)
 EXPECTED = {
@@ -53,7 +54,8 @@ _SCRIPT_VARS = ("BASE_PATH", "GPUS", "LAUNCHER", "DEEPSPEED", "DS_CONFIG", "NNOD
                 "MASTER_ADDR", "MASTER_PORT", "HOSTFILE", "NPROC", "RESUME", "OVERWRITE", "LR",
                 "BATCH_SIZE", "GRAD_ACC", "EPOCH", "KD_RATE", "KD_TEMP", "KD_OBJ", "PRECISION",
                 "CRITERION", "TEACHER_MODEL_PATH", "TEACHER_PEFT_PATH", "SAVE_PATH", "SETTING",
-                "DATA_DIR", "CKPT_PATH", "EXTRA_ARGS", "CRITERION_ARGS", "TASK", "TEA2STU_ID_MAP")
+                "DATA_DIR", "CKPT_PATH", "EXTRA_ARGS", "CRITERION_ARGS", "TASK", "TEA2STU_ID_MAP",
+                "TEACHER_CACHE", "TOP_K", "CACHE_DTYPE", "CACHE_BATCH_SIZE", "SHARD_SIZE", "CACHE_STORE")
 
 
 def run_script(script: Path, *, check: bool = True, **env) -> subprocess.CompletedProcess:

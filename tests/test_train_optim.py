@@ -74,6 +74,7 @@ def _grads_of_step(model_path, rows, micro_sizes, collator, dtype=torch.float32)
     from mckd.criteria import get_criterion_class
     from mckd.train.engine import DistillModule, TorchEngine
     from mckd.train.loop import Trainer
+    from mckd.train.teacher_source import LiveTeacher
 
     student = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True, dtype=dtype)
     student.eval()  # no dropout: the two runs must see the same function
@@ -83,6 +84,7 @@ def _grads_of_step(model_path, rows, micro_sizes, collator, dtype=torch.float32)
     tr = Trainer.__new__(Trainer)
     tr.state, tr.device, tr.teacher, tr.total_steps, tr.criterion = (
         {"global_step": 0}, torch.device("cpu"), None, 1, crit)
+    tr.teacher_source = LiveTeacher()
     tr.engine = TorchEngine(DistillModule(student, crit), opt, sch, device=tr.device,
                             precision="fp32", clip_grad=0.0)
     captured = {}

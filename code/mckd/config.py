@@ -73,6 +73,10 @@ class ModelConfig:
                                        "is only checked against it")
     teacher_model_path: str | None = opt(None, "teacher HF directory; required by KD criteria")
     teacher_model_type: str | None = opt(None, "teacher family; read from config.json, only checked")
+    teacher_cache: str | None = opt(None, "offline teacher cache directory (python -m mckd.teacher_cache "
+                                          "build): teacher outputs are read from it and the teacher's "
+                                          "weights are never loaded; with --teacher-model-path the cache "
+                                          "is checked against that teacher")
     gradient_checkpointing: bool = opt(False, "HF gradient checkpointing on the student",
                                        action="store_true")
     criterion: str = opt("cross_entropy", "training criterion (registry name)")
@@ -467,17 +471,24 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
         crit_cls = get_criterion_class(m.criterion)
     except KeyError as err:
         raise ConfigError(f"--criterion: {err.args[0]}") from None
-    _need(not crit_cls.needs_teacher or m.teacher_model_path is not None, "--teacher-model-path",
-          f"criterion {m.criterion!r} distils from a teacher: pass --teacher-model-path")
+    _need(not crit_cls.needs_teacher or m.teacher_model_path is not None or m.teacher_cache is not None,
+          "--teacher-model-path", f"criterion {m.criterion!r} distils from a teacher: pass "
+          "--teacher-model-path or --teacher-cache")
     validate_criterion_args(cfg.criterion_args, crit_cls)
     _need(t.on_policy_ratio == 0 or crit_cls.needs_teacher, "--on-policy-ratio",
           f"criterion {m.criterion!r} uses no teacher to score the student's samples")
+    _need(t.on_policy_ratio == 0 or m.teacher_cache is None, "--on-policy-ratio",
+          "the student's samples need the live teacher (--teacher-model-path), not --teacher-cache")
     if not check_paths:
         return
     for flag, path in (("--model-path", m.model_path), ("--teacher-model-path", m.teacher_model_path),
                        ("--peft-path", p.peft_path), ("--teacher-peft-path", p.teacher_peft_path)):
         if path is not None:
             _need(os.path.isdir(path), flag, f"directory {path!r} does not exist")
+    if m.teacher_cache is not None:
+        _need(os.path.isfile(os.path.join(m.teacher_cache, "manifest.json")), "--teacher-cache",
+              f"{m.teacher_cache!r} has no manifest.json (not a teacher cache; build one with "
+              "python -m mckd.teacher_cache build)")
     _need(os.path.isfile(os.path.join(m.model_path, "config.json")), "--model-path",
           f"{m.model_path!r} has no config.json (not a Hugging Face model directory)")
     from mckd.models.tokenizers import TOKENIZER_FILES, has_tokenizer_files

@@ -20,6 +20,10 @@
 #                whole to SAVE_PATH.old-<date> first (refused while a live run holds it).
 #   DRY_RUN=1    print the training command (one line, shell-quoted) and exit without running.
 #   EXTRA_ARGS   extra flags appended to the command (word-split), e.g. EXTRA_ARGS="--max-steps 10".
+#   TEACHER_CACHE  KD scripts: distil from this offline teacher cache (--teacher-cache; built by the
+#                teacher_cache_*.sh script next to the teacher's SFT script) instead of running the
+#                teacher: no teacher checkpoint is needed and its weights are never loaded.
+#                teacher_cache_*.sh: where the cache is written (default under outputs/teacher_cache).
 # Output: SAVE_PATH=${BASE_PATH}/outputs/${CKPT_TYPE}/${CKPT_NAME}/${TASK}/${SETTING} (published
 # layout); the run's own log is train.log there, the full console output goes to console.log.
 set -euo pipefail
@@ -90,9 +94,12 @@ mckd_best_ckpt() { "${PYTHON}" "${MCKD_LIB_DIR}/find_checkpoint.py" "$@" || true
 
 # mckd_teacher_sft VAR RUN_ROOT SCRIPT: if VAR is empty, set it to the best checkpoint under RUN_ROOT
 # (the output of SCRIPT). Missing: an error, or in DRY_RUN a warning and RUN_ROOT itself.
+# With TEACHER_CACHE set (a KD run from the cache) no checkpoint is needed; the cache builders set
+# MCKD_NEEDS_TEACHER=1 because they run the teacher.
 mckd_teacher_sft() {
   local var=$1 root=$2 script=$3 found
   if [[ -n "${!var:-}" ]]; then return 0; fi
+  if [[ -n "${TEACHER_CACHE:-}" && "${MCKD_NEEDS_TEACHER:-0}" != 1 ]]; then return 0; fi
   found=$(mckd_best_ckpt "${root}")
   if [[ -z "${found}" ]]; then
     if [[ "${DRY_RUN}" == 1 ]]; then
@@ -170,11 +177,15 @@ mckd_train() {
   if [[ "${EVAL_GEN}" == 1 ]]; then
     opts+=(--eval-gen --do-sample --top-k 0 --top-p 1.0 --temperature 1.0)
   fi
-  if [[ -n "${TEACHER_MODEL_PATH:-}" ]]; then
+  if [[ -n "${TEACHER_CACHE:-}" && -n "${KD_RATE:-}" ]]; then
+    # the cache holds the teacher's outputs, config and tokenizer: the teacher is not passed
+    opts+=(--teacher-cache "${TEACHER_CACHE}"
+           --kd-rate "${KD_RATE}" --kd-temperature "${KD_TEMP}" --kd-objective "${KD_OBJ}")
+  elif [[ -n "${TEACHER_MODEL_PATH:-}" ]]; then
     opts+=(--teacher-model-path "${TEACHER_MODEL_PATH}" --teacher-model-type "${TEACHER_MODEL_TYPE}"
            --kd-rate "${KD_RATE}" --kd-temperature "${KD_TEMP}" --kd-objective "${KD_OBJ}")
+    [[ -n "${TEACHER_PEFT_PATH:-}" ]] && opts+=(--teacher-peft-path "${TEACHER_PEFT_PATH}")
   fi
-  [[ -n "${TEACHER_PEFT_PATH:-}" ]] && opts+=(--teacher-peft-path "${TEACHER_PEFT_PATH}")
   if [[ -n "${LORA_RANK:-}" ]]; then
     opts+=(--peft lora --peft-lora-r "${LORA_RANK}" --peft-lora-alpha "${LORA_ALPHA}"
            --peft-lora-dropout "${LORA_DROPOUT}")
@@ -254,4 +265,46 @@ mckd_train() {
   { printf '%q ' "${cmd[@]}"; printf '\n'; } >> "${SAVE_PATH}/command.sh"
   cd "${BASE_PATH}"
   "${cmd[@]}" 2>&1 | tee -a "${SAVE_PATH}/console.log"
+}
+
+# mckd_teacher_cache: build the offline teacher cache of TEACHER_MODEL_PATH (+ TEACHER_PEFT_PATH) on
+# DATA_DIR/train.jsonl (python -m mckd.teacher_cache build), print it (DRY_RUN=1) or run it; a
+# rerun resumes an interrupted build. Variables (all overridable): TOP_K (1024), CACHE_DTYPE (bf16),
+# PRECISION (dtype the teacher runs in; bf16), CACHE_BATCH_SIZE (8), SHARD_SIZE (256),
+# CACHE_STORE (logits,hidden,embed_tokens,lm_head), TEACHER_CACHE (output directory).
+mckd_teacher_cache() {
+  : "${TOP_K:=1024}"
+  : "${CACHE_DTYPE:=bf16}"
+  : "${PRECISION:=bf16}"
+  : "${CACHE_BATCH_SIZE:=8}"
+  : "${SHARD_SIZE:=256}"
+  : "${CACHE_STORE:=logits,hidden,embed_tokens,lm_head}"
+  : "${TEACHER_CACHE:=${BASE_PATH}/outputs/teacher_cache/${TEACHER_MODEL_TYPE}/${TEACHER_MODEL_NAME}/$(basename "${DATA_DIR}")-L${MAX_LENGTH}-k${TOP_K}-${CACHE_DTYPE}}"
+  local opts=(build --teacher-model-path "${TEACHER_MODEL_PATH}" --data-dir "${DATA_DIR}"
+              --output "${TEACHER_CACHE}" --max-length "${MAX_LENGTH}" --max-prompt-length "${MAX_PROMPT_LENGTH}"
+              --top-k "${TOP_K}" --dtype "${CACHE_DTYPE}" --teacher-dtype "${PRECISION}"
+              --batch-size "${CACHE_BATCH_SIZE}" --shard-size "${SHARD_SIZE}" --store "${CACHE_STORE}")
+  [[ -n "${TEACHER_PEFT_PATH:-}" ]] && opts+=(--teacher-peft-path "${TEACHER_PEFT_PATH}")
+  if [[ -n "${EXTRA_ARGS}" ]]; then
+    # shellcheck disable=SC2206
+    opts+=(${EXTRA_ARGS})
+  fi
+  local cmd
+  if [[ -z "${GPUS}" && "${NPROC}" -le 1 ]]; then
+    cmd=("${PYTHON}" -m mckd.teacher_cache)
+  else
+    [[ -n "${GPUS}" ]] && export CUDA_VISIBLE_DEVICES=${GPUS}
+    cmd=(torchrun --nproc_per_node "${GPUS_PER_NODE}" --nnodes "${NNODES}" --node_rank "${NODE_RANK}"
+         --master_addr "${MASTER_ADDR}" --master_port "${MASTER_PORT}" -m mckd.teacher_cache)
+  fi
+  cmd+=("${opts[@]}")
+  if [[ "${DRY_RUN}" == 1 ]]; then
+    printf '%q ' "${cmd[@]}"
+    printf '\n'
+    return 0
+  fi
+  mckd_log "teacher cache: ${TEACHER_CACHE}"
+  cd "${BASE_PATH}"
+  "${cmd[@]}"
+  mckd_log "distil from it with: TEACHER_CACHE=${TEACHER_CACHE} bash scripts/<family>/<method>.sh"
 }

@@ -52,7 +52,11 @@ class ModelView:
     @property
     def lm_head_weight(self) -> torch.Tensor:
         """(V, D) output-head weight."""
-        return self.lm_head.weight
+        w = getattr(self.lm_head, "weight", None)
+        if w is None:
+            raise ValueError(f"ModelView: the output head {self.lm_head!r} has no weight (a teacher "
+                             "cache built without lm_head?); declare it in Criterion.teacher_modules")
+        return w
 
 
 @dataclass
@@ -100,6 +104,12 @@ class Criterion(nn.Module):
             criterion without it needs both to share one vocabulary, checked at start).
         published_combination: how ``--loss-combination published`` combines CE and KD
             (``interpolate``: (1 - rate) CE + rate KD, so the rate must be <= 1; ``additive``).
+        teacher_modules: teacher parts read besides logits and hidden states, of
+            ``("embed_tokens", "lm_head")``; an offline teacher cache must hold them (checked at
+            start-up).
+        teacher_ranks: (instance) how many of the teacher's largest logits per position the
+            criterion reads one by one, ranked (e.g. an OT over the top-k probabilities); a top-k
+            teacher cache must store at least that many (checked at start-up). None: no such term.
     """
 
     needs_teacher: ClassVar[bool] = False
@@ -107,6 +117,8 @@ class Criterion(nn.Module):
     alignment: tuple[str, ...] = ()  # class default; an instance may narrow it from its options
     cross_tokenizer: ClassVar[bool] = False
     published_combination: ClassVar[str] = "additive"
+    teacher_modules: ClassVar[tuple[str, ...]] = ()
+    teacher_ranks: int | None = None
 
     @classmethod
     def add_args(cls, parser) -> None:

@@ -83,6 +83,7 @@ class DualSpaceKD(Criterion):
 
     needs_teacher = True
     needs_hidden = True
+    teacher_modules = ("lm_head",)
 
     def __init__(self, student_hidden: int, teacher_hidden: int, *, kd_rate: float = 0.5,
                  kd_objective: str = "forward_kl", kd_temperature: float = 1.0,

@@ -191,6 +191,7 @@ class DualSpaceKDWithCMA(Criterion):
 
     needs_teacher = True
     needs_hidden = True
+    teacher_modules = ("embed_tokens", "lm_head")
     cross_tokenizer = True
 
     def __init__(self, student_hidden: int, teacher_hidden: int, *, kd_rate: float = 0.5,

@@ -55,6 +55,7 @@ class MCWKD(Criterion):
 
     needs_teacher = True
     needs_hidden = True
+    teacher_modules = ("embed_tokens", "lm_head")
     # The published edit-distance DTW cost comes precomputed from the data pipeline. Only the
     # ``dtw`` alignment cost uses it; the instance attribute says whether this instance needs it.
     alignment = ("dtw",)
@@ -112,6 +113,11 @@ class MCWKD(Criterion):
         self._stat_sum: torch.Tensor | None = None    # (2, 3) local, reset at every weight update
         self._stat_count: torch.Tensor | None = None  # (2,)
         self.register_load_state_dict_post_hook(_sync_progress_after_load)
+
+    @property
+    def teacher_ranks(self) -> int:
+        """The logit OT compares the teacher's top ``--mcw-top-k`` logits rank by rank."""
+        return self.options.top_k
 
     @property
     def ot_projector(self) -> nn.Module:

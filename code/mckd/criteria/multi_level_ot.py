@@ -164,6 +164,11 @@ class MultiLevelOT(Criterion):
         self.options = dict(temperature=temperature, top_k=top_k, sinkhorn_eps=sinkhorn_eps,
                             sinkhorn_iters=sinkhorn_iters)
 
+    @property
+    def teacher_ranks(self) -> int:
+        """The ranked probabilities compared per token (``--mlot-top-k``)."""
+        return self.options["top_k"]
+
     @classmethod
     def add_args(cls, parser) -> None:
         g = parser.add_argument_group("multi_level_ot (hard-coded in the published code)")

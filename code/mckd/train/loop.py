@@ -6,7 +6,8 @@ Per optimizer step (DESIGN 2, STYLE 3-5):
    samples: :mod:`mckd.train.on_policy`); count their label tokens and all-reduce the count once
    (``T``);
 2. ``criterion.set_progress(step, total_steps)``;
-3. per micro-batch: teacher forward (``no_grad``, eval), student forward + criterion inside the
+3. per micro-batch: the teacher's view (a live forward, ``no_grad``, eval, or the offline teacher
+   cache: :mod:`mckd.train.teacher_source`), student forward + criterion inside the
    wrapped module, ``loss = loss_sum * engine.loss_scale(T)``, backward (DDP reduces on the last
    micro-batch only);
 4. clip + optimizer + scheduler step (skipped when the gradient is not finite), then
@@ -39,14 +40,13 @@ from mckd import dist
 from mckd.config import (Config, ConfigError, finalize, load_deepspeed_json, resume_changes,
                          write_args_json)
 from mckd.criteria.base import CriterionResources, get_criterion_class
-from mckd.data.batch import IGNORE_INDEX, TEACHER_PREFIX
+from mckd.data.batch import IGNORE_INDEX
 from mckd.models import loading
 from mckd.train import checkpoint as ckpt_io
-from mckd.train import dev_eval, optim, rundir
+from mckd.train import dev_eval, optim, rundir, teacher_source
 from mckd.train.guards import (DivergenceMonitor, StopSignals, TrainingAborted, TrainingDiverged,
                                TrainingInterrupted, all_finite, non_finite_metrics)
-from mckd.train.engine import (DeepSpeedEngine, DistillModule, TorchEngine, fill_deepspeed_config,
-                               model_inputs)
+from mckd.train.engine import DeepSpeedEngine, DistillModule, TorchEngine, fill_deepspeed_config
 from mckd.train.on_policy import OnPolicyBatches
 from mckd.train.sampling import ResumableDistributedSampler
 
@@ -231,17 +231,13 @@ class Trainer:
             gradient_checkpointing=m.gradient_checkpointing, declared_type=m.model_type,
             peft=p.peft, lora_r=p.peft_lora_r, lora_alpha=p.peft_lora_alpha,
             lora_dropout=p.peft_lora_dropout, lora_target_modules=targets, peft_path=peft_path)
-        self.teacher = self.teacher_tokenizer = None
-        if m.teacher_model_path is not None and self.crit_cls.needs_teacher:
-            self.teacher, self.teacher_tokenizer, _ = loading.load_teacher(
-                m.teacher_model_path, dtype=cfg.derived["teacher_load_dtype"],
-                declared_type=m.teacher_model_type, peft_path=p.teacher_peft_path)
-        elif m.teacher_model_path is not None:
-            logger.warning("criterion %s uses no teacher: --teacher-model-path is ignored", m.criterion)
-        if self.teacher is not None and not self.crit_cls.cross_tokenizer:
+        self.teacher_source = teacher_source.load_teacher_source(cfg, self.crit_cls)
+        self.teacher, self.teacher_tokenizer = self.teacher_source.model, self.teacher_source.tokenizer
+        if self.teacher_tokenizer is not None and not self.crit_cls.cross_tokenizer:
             from mckd.models.tokenizers import vocabulary_difference
 
-            dims_ = loading.read_dims(m.model_path, m.teacher_model_path)
+            where = m.teacher_model_path or m.teacher_cache
+            dims_ = loading.read_dims(m.model_path, self.teacher_source.config_path)
             if dims_.student_vocab != dims_.teacher_vocab:
                 raise ConfigError(f"--teacher-model-path: criterion {m.criterion!r} needs the teacher "
                                   f"and student to share one vocabulary, but their vocabulary sizes "
@@ -251,13 +247,14 @@ class Trainer:
             if diff is not None:
                 raise ConfigError(f"--teacher-model-path: criterion {m.criterion!r} needs the teacher "
                                   f"and student to share one vocabulary, but the tokenizers of "
-                                  f"{m.teacher_model_path} and {m.model_path} differ: {diff}")
-        dims = loading.read_dims(m.model_path, m.teacher_model_path if self.teacher is not None else None)
+                                  f"{where} and {m.model_path} differ: {diff}")
+        dims = loading.read_dims(m.model_path, self.teacher_source.config_path)
         resources = CriterionResources(student_tokenizer=self.tokenizer,
                                        teacher_tokenizer=self.teacher_tokenizer,
                                        projector_config_path=self.cfg.criterion_args.get("projector_config_path"),
                                        student_model=self.student, teacher_model=self.teacher)
         self.criterion = self.crit_cls.from_args(self.ns, dims, resources)
+        self.teacher_source.check_criterion(self.criterion)
         self.cfg.derived["model_dims"] = vars(dims)
         self.cfg.derived["student_family"] = self.family
 
@@ -279,7 +276,8 @@ class Trainer:
                                              student_tokenizer=self.tokenizer, limit=d.dev_num, **kw)
             dist.barrier()
         tpad = self.teacher_tokenizer.pad_token_id if self.teacher_tokenizer is not None else None
-        self.collator = DistillCollator(self.tokenizer.pad_token_id, tpad, alignment=align)
+        self.collator = self.teacher_source.wrap_collator(
+            DistillCollator(self.tokenizer.pad_token_id, tpad, alignment=align), self.train_set)
         self.dev_collator = DistillCollator(self.tokenizer.pad_token_id)
         self.dev_prompts = []
         if e.eval_gen:
@@ -309,16 +307,8 @@ class Trainer:
         else:
             self.engine = TorchEngine(module, opt, sched, device=self.device, precision=t.precision,
                                       clip_grad=t.clip_grad, clip_grad_criterion=t.clip_grad_criterion)
-        if self.teacher is not None:
-            if self.ds_cfg is not None and self.engine.zero_stage == 3:
-                import deepspeed
-
-                inf_cfg = {k: v for k, v in self.ds_cfg.items() if k not in ("optimizer", "scheduler")}
-                self.teacher = deepspeed.initialize(model=self.teacher, config=inf_cfg,
-                                                    dist_init_required=False)[0].module
-            else:
-                self.teacher.to(self.device)
-            self.teacher.eval()
+        zero3 = self.ds_cfg is not None and self.engine.zero_stage == 3
+        self.teacher = self.teacher_source.place(self.device, self.ds_cfg, zero3)
 
     def _open_writers(self) -> None:
         self.tb = None
@@ -349,13 +339,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _teacher_view(self, batch: dict):
-        if self.teacher is None:
-            return None
-        need_h = self.criterion.needs_hidden
-        with torch.no_grad(), self.engine.autocast():
-            out = self.teacher(**model_inputs(self.teacher, batch, TEACHER_PREFIX),
-                               output_hidden_states=need_h, use_cache=False)
-        return loading.model_view(self.teacher, out, with_hidden=need_h)
+        return self.teacher_source.view(batch, self.criterion.needs_hidden, self.engine.autocast)
 
     def _step(self, micro: list[dict], acc: dict) -> tuple[float, bool]:
         step = self.state["global_step"]
