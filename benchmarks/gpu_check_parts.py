@@ -272,7 +272,8 @@ def criteria(args) -> dict:
             ns = parse_config(argv, check_paths=False).namespace()
             dims = loading.read_dims(str(models / "student"), str(models / tname) if cls.needs_teacher else None)
             crit = cls.from_args(ns, dims, CriterionResources(student_tokenizer=s_tok, teacher_tokenizer=t_tok,
-                                                               projector_config_path=ns.projector_config_path))
+                                                               projector_config_path=ns.projector_config_path,
+                                                               student_model=student, teacher_model=teacher))
             ref_mod = DistillModule(student, crit.to(device)).train()
             ref_mod.student.eval()  # no dropout: the runs below must compute the same function
             ref = _step(ref_mod, teacher, batch, autocast_dtype=None, device=device)

@@ -21,14 +21,14 @@ def build_pair(base: Path, *, n_train: int = 16) -> dict[str, Path]:
     from transformers import AutoTokenizer
 
     from mckd.tiny.build_models import ModelSize, gpt2_config, llama_config, save_model
-    from mckd.tiny.train_tokenizers import train_byte_level_bpe, train_metaspace_bpe
+    from mckd.tiny.train_tokenizers import train_byte_level_bpe, train_llama_style_bpe
 
     data = write_word_data(base / "data", n_train=n_train, n_dev=2)
     texts = [json.loads(line)["instruction"] + " " + json.loads(line)["output"]
              for line in (data / "train.jsonl").read_text().splitlines()]
     texts += ["### Instruction:\n", "### Response:\n", "Below is an instruction that describes a task."]
     s_tok = train_byte_level_bpe(texts, base / "tok_student", vocab_size=300)
-    t_tok = train_metaspace_bpe(texts, base / "tok_teacher", vocab_size=200)
+    t_tok = train_llama_style_bpe(texts, base / "tok_teacher", vocab_size=200)
     stok = AutoTokenizer.from_pretrained(str(s_tok))
     ttok = AutoTokenizer.from_pretrained(str(t_tok))
     out = {"data": data}

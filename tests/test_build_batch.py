@@ -130,7 +130,7 @@ def test_bad_arguments_are_clear_errors(tiny):
     with pytest.raises(ValueError, match="build_batch.*needs a teacher"):
         build_batch(["a"], ["b"], student_tokenizer=s, alignment=(al.DTW,))
     with pytest.raises(ValueError, match="unknown alignment"):
-        build_batch(["a"], ["b"], student_tokenizer=s, teacher_tokenizer=t, alignment=("exact",))
+        build_batch(["a"], ["b"], student_tokenizer=s, teacher_tokenizer=t, alignment=("no_such_feature",))
     with pytest.raises(ValueError, match="2 prompts, 1 responses"):
         build_batch(["a", "b"], ["c"], student_tokenizer=s)
     with pytest.raises(ValueError, match="2 example_index"):

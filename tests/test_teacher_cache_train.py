@@ -66,8 +66,14 @@ def _compare(a, b, rel, skip=("tokens_per_s",)):
         for k, v in ra.items():
             if k in skip or not isinstance(v, float):
                 continue
+            if k in ("grad_norm_student", "grad_norm_criterion") and k not in rb:
+                continue  # per-part norms: logged by the plain torch engine only, not DeepSpeed
             if k.startswith("stat/"):
                 assert rb[k] == pytest.approx(v, rel=1e-2, abs=1e-6), k
+            elif k.endswith("_acc"):
+                # argmax counts of the projected distributions: one near-tied position of a
+                # random-init model can flip with the cache's 1e-7 logit differences
+                assert rb[k] == pytest.approx(v, rel=2e-2, abs=1e-6), k
             else:
                 assert rb[k] == pytest.approx(v, rel=rel, abs=1e-7), k
 

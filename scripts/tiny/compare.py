@@ -358,8 +358,9 @@ def write_table(rows: list[dict], path: Path, n_eval: int, n_sampling: int) -> s
             g = group(setting, m)
             if not g:
                 continue
-            cells, rec = [], {"setting": setting, "method": m, "kd_rate": next(iter(g.values()))["kd_rate"],
-                              "n_seeds": len(g)}
+            rate = next(iter(g.values()))["kd_rate"]
+            cells, rec = [], {"setting": setting, "method": m, "n_seeds": len(g),
+                              "kd_rate": "" if rate in ("", None) else f"{float(rate):g}"}
             for key, _, _ in COLUMNS:
                 digits = 3 if key == "test_nll" else 2
                 mu, sd = mean_std([float(r[key]) for r in g.values()])
