@@ -417,7 +417,8 @@ def cmd_compare(args) -> None:
     write_csv(rows, out / "scores.csv")
     md = write_table(rows, out / "table", n_eval=args.eval_num if args.eval_num > 0 else 300,
                      n_sampling=len(args.eval_seeds))
-    stage_s = {f"{r['method']} seed {r['seed']}".strip(): r["train_s"] for r in rows}
+    stage_s = {(f"teacher {r['setting']}" if r["method"] == "teacher" else f"{r['method']} seed {r['seed']}"):
+               r["train_s"] for r in rows}
     timing = {"total_s": round(time.time() - t0), "jobs": args.jobs, "stages_s": stage_s,
               "training_s_summed_over_stages": round(sum(stage_s.values())),
               "seeds": args.seeds, "eval_seeds": args.eval_seeds}
