@@ -84,7 +84,8 @@ def test_small_mode_criteria_rows(small_run):
 
     _, results, _ = small_run
     data = results["parts"]["criteria"]["data"]
-    assert [r["criterion"] for r in data["rows"]] == known_criteria()
+    # criteria the test suite registers in this process (test_*) are not in the check's own process
+    assert [r["criterion"] for r in data["rows"]] == [n for n in known_criteria() if not n.startswith("test_")]
     tol = data["tolerance"]
     for r in data["rows"]:
         assert r["T_s"] > 1 and r["label_tokens"] > 0, r
