@@ -36,7 +36,6 @@ full-depth teacher is measured by the probe)::
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import resource
 import sys
@@ -261,22 +260,9 @@ def teacher_worker(row, args, queue) -> None:
 
 
 def run_fresh(row, mode, args) -> dict:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    target, targs = (teacher_worker, (row, args, q)) if mode == "teacher" else (worker, (row, mode, args, q))
-    proc = ctx.Process(target=target, args=targs)
-    old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"  # freed tensors leave the RSS (see harness)
-    try:
-        proc.start()
-    finally:
-        if old is None:
-            del os.environ["MALLOC_MMAP_THRESHOLD_"]
-        else:
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = old
-    res = q.get()
-    proc.join()
-    return res
+    if mode == "teacher":
+        return harness.run_in_fresh_process(teacher_worker, row, args)
+    return harness.run_in_fresh_process(worker, row, mode, args)
 
 
 def main(argv=None) -> int:

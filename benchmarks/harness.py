@@ -221,9 +221,15 @@ def peak_memory_fresh_process(builder, *args):
     returns the zero-argument step (with an optional ``clear`` attribute that frees the gradients
     it leaves). Returns a float, or an error string.
     """
+    return run_in_fresh_process(_memory_worker, builder, args)
+
+
+def run_in_fresh_process(target, *args):
+    """``target(*args, queue)`` in a spawned process whose freed memory leaves its resident set;
+    returns the one object it puts on ``queue``."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    proc = ctx.Process(target=_memory_worker, args=(builder, args, q))
+    proc = ctx.Process(target=target, args=(*args, q))
     # glibc: a fixed mmap threshold returns every freed tensor buffer to the OS at once (the default
     # threshold grows after frees and lets the heap reuse them, hiding allocations from the RSS)
     old = os.environ.get("MALLOC_MMAP_THRESHOLD_")

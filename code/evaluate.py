@@ -12,7 +12,7 @@ Commands (from the repository root)::
     python code/evaluate.py aggregate CKPT/eval
     python code/evaluate.py compare RUN_A RUN_B --names SFT MCW-KD --out results/table
 
-Protocol defaults (spec 8.2): datasets dolly self-inst vicuna sinst/11_ dialogsum, seeds 10-50,
+Protocol defaults (as published): datasets dolly self-inst vicuna sinst/11_ dialogsum, seeds 10-50,
 prompts <= 256 tokens, 256 new tokens, sampling with top-p 1.0, top-k 0, temperature 1.0,
 no_repeat_ngram_size 6. ``--greedy`` decodes greedily (one pair per dataset). The usual entry is
 ``scripts/eval/run_eval.sh CKPT BATCH``; see docs/evaluation.md. Exit status 2 with a one-line

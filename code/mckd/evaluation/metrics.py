@@ -1,4 +1,4 @@
-"""ROUGE-L and exact match as in the published protocol (spec section 8.3).
+"""ROUGE-L and exact match as in the published protocol.
 
 * ROUGE-L: the LCS F-measure of ``rouge_score`` with the Porter stemmer and its default tokenizer
   (lower-case, non-alphanumerics become spaces), ``score(target=reference, prediction=response)``.

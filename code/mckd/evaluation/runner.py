@@ -98,7 +98,7 @@ class PromptSet:
 
 
 def resolve_data_file(data_dir: str | os.PathLike, dataset: str, model_type: str) -> Path:
-    """``<data_dir>/<dataset>/valid_<family>.jsonl`` if present, else ``valid.jsonl`` (spec 8.2)."""
+    """``<data_dir>/<dataset>/valid_<family>.jsonl`` if present, else ``valid.jsonl``."""
     d = Path(data_dir) / dataset
     names = [f"valid_{model_type}.jsonl"]
     if model_type in _FAMILY_ALIASES:
