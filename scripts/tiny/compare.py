@@ -287,6 +287,9 @@ def run_grid(points: list[tuple[Method, int, Path]], args, data_dir: Path, eval_
                for t in TEACHERS.values() if t in needed}
     students = [student_stage(m, s, d, tstages, args) for m, s, d in points]
 
+    if args.eval_num != -1:  # a subset: never reuse or clash with the full evaluation's files
+        eval_name = f"{eval_name}-n{args.eval_num}"
+
     def ev(st):
         def fn():
             ck = Path(st.ckpt)
@@ -448,6 +451,9 @@ GRID = {
     "uld": ("--kd-rate", ["0.5", "0.9"], "--loss-combination", "none", "additive"),
     "multi_level_ot": ("--kd-rate", ["0.5", "2.0"], "--mlot-temperature", "none", "1.0"),
     "mcw_kd": ("--kd-rate", ["0", "1.0"], "--mcw-exact-kl-weight", "none", "1.0"),
+    "dskd_v2": ("--kd-rate", ["0.5", "0.9"], "--kd-temperature", "2.0", "1.0"),
+    "uld_hybrid": ("--kd-rate", ["0.5", "0.9"], "--uld-hybrid-beta", "none", "0.5"),
+    "dwa_kd": ("--kd-rate", ["0.5", "0.9"], "--dwa-dtw-rate", "none", "0.1"),
 }
 
 
