@@ -156,10 +156,22 @@ def best_checkpoint(run_dir: Path) -> str | None:
     return r.stdout.strip() or None
 
 
+def assets_record(run_dir: Path) -> Path:
+    """Where a run keeps the manifest of the assets it was trained on (beside its log)."""
+    return Path(run_dir).parent / f"{Path(run_dir).name}.assets.json"
+
+
 def stale(run_dir: Path) -> bool:
-    """True when the assets were rebuilt after the run started (its models and data changed)."""
+    """True when the run's models and data differ from today's assets: the manifest recorded at
+    its start differs from ``model_hub/tiny/manifest.json`` (runs without a record: the assets
+    were rebuilt after the run started)."""
     manifest, args = ROOT / "model_hub/tiny/manifest.json", Path(run_dir) / "args.json"
-    return manifest.is_file() and args.is_file() and manifest.stat().st_mtime > args.stat().st_mtime
+    if not manifest.is_file() or not args.is_file():
+        return False
+    record = assets_record(run_dir)
+    if record.is_file():
+        return record.read_text() != manifest.read_text()
+    return manifest.stat().st_mtime > args.stat().st_mtime
 
 
 def train(stage: Stage) -> Stage:
@@ -184,6 +196,7 @@ def train(stage: Stage) -> Stage:
         logger.info("%s: resuming the unfinished run in %s", stage.name, stage.run_dir)
         env["RESUME"] = "1"   # an interrupted run: continue it
     stage.run_dir.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(ROOT / "model_hub/tiny/manifest.json", assets_record(stage.run_dir))
     t0 = time.time()
     log = stage.run_dir.parent / f"{stage.run_dir.name}.log"
     with open(log, "w") as fh:
