@@ -74,6 +74,31 @@ def test_methods_table_is_read_and_every_method_has_a_grid():
     assert ctl.label == "uld@same" and ctl.setting == "same" and ctl.criterion == table["uld"].criterion
 
 
+def test_choose_takes_each_methods_best_dev_point_into_the_table(tmp_path, monkeypatch, capsys):
+    tsv = tmp_path / "methods.tsv"
+    tsv.write_text(compare.METHODS_TSV.read_text())
+    monkeypatch.setattr(compare, "METHODS_TSV", tsv)
+    table = compare.read_methods(tsv)
+    uld = compare.grid_points("uld", table["uld"])
+    dskd = compare.grid_points("dskd", table["dskd"])
+    scores = {uld[0].label: 30.0, uld[1].label: 29.0, uld[2].label: 31.5,      # the knob's point wins
+              dskd[0].label: 25.0, dskd[1].label: 27.0, dskd[2].label: 26.0}   # kd_rate 0.9, T = 2
+    with open(tmp_path / "tune.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["method", "setting", "rougeL"])
+        w.writeheader()
+        w.writerow({"method": "teacher", "setting": "same", "rougeL": 99.0})
+        w.writerows({"method": k, "setting": "x", "rougeL": v} for k, v in scores.items())
+    compare.main(["choose", "--tune-csv", str(tmp_path / "tune.csv"), "--write"])
+    after = compare.read_methods(tsv)
+    assert after["uld"].kd_rate == 0.9 and after["uld"].flags == "--loss-combination additive"
+    assert after["dskd"].kd_rate == 0.9 and after["dskd"].kd_temp == 2.0 and after["dskd"].flags == ""
+    untouched = [k for k in table if k not in ("uld", "dskd")]
+    assert all(after[k] == table[k] for k in untouched)
+    # a chosen knob value in the table does not leak into the next grid
+    assert [q.flags for q in compare.grid_points("uld", after["uld"])] == [q.flags for q in uld]
+    assert "uld: uld__kd-rate_0.9__loss-combination_additive" in capsys.readouterr().out
+
+
 def test_methods_table_errors_name_the_line(tmp_path):
     bad = tmp_path / "m.tsv"
     bad.write_text("# header\nsft cross_entropy - - -\n")
@@ -138,7 +163,7 @@ def test_compare_smoke_every_method_trains_and_evaluates(tmp_path):
            "--teacher-out", str(tmp_path / "teachers"), "--jobs", "2", "--seeds", "1", "2",
            "--eval-seeds", "10", "20", "--eval-num", "3", "--max-new-tokens", "8",
            "--teacher-epoch", "1", "--max-epochs", "1", "--controls",
-           "--methods", "sft", "vanilla_kd", "uld", "mcw_kd",
+           "--methods", "sft", "vanilla_kd", "uld", "mcw_kd", "--on-policy", "vanilla_kd",
            "--teacher-args", "--max-steps 2 --dev-num 2", "--train-args", "--max-steps 2 --dev-num 2",
            "--log-level", "WARNING"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -147,7 +172,7 @@ def test_compare_smoke_every_method_trains_and_evaluates(tmp_path):
     with open(out / "scores.csv") as fh:
         scores = list(csv.DictReader(fh))
     students = [r for r in scores if r["method"] != "teacher"]
-    want = {"sft", "vanilla_kd", "uld", "mcw_kd", "uld@same", "mcw_kd@same"}
+    want = {"sft", "vanilla_kd", "uld", "mcw_kd", "uld@same", "mcw_kd@same", "vanilla_kd+on_policy"}
     assert {r["method"] for r in students} == want and len(students) == 2 * len(want)
     assert {r["setting"] for r in scores if r["method"] == "teacher"} == {"same", "cross"}
     for r in students:
@@ -156,11 +181,12 @@ def test_compare_smoke_every_method_trains_and_evaluates(tmp_path):
         args = json.loads((Path(r["ckpt"]).parent / "args.json").read_text())
         assert args["train"]["seed"] == int(r["seed"])
         assert args["train"]["early_stop_patience"] == 2
+        assert args["train"]["on_policy_ratio"] == (0.5 if r["method"].endswith("+on_policy") else 0.0)
         if r["method"] != "sft":
             assert args["criterion_args"]["kd_rate"] == pytest.approx(float(r["kd_rate"]))
             teacher = args["model"]["teacher_model_path"]
             assert ("teacher_same_vocab" in teacher) == r["method"].endswith("@same") or \
-                table[r["method"].split("@")[0]].setting == "same"
+                table[r["method"].split("@")[0].split("+")[0]].setting == "same"
     with open(out / "table.csv") as fh:
         rows = {(r["setting"], r["method"]) for r in csv.DictReader(fh)}
     assert ("cross", "mcw_kd") in rows and ("same", "mcw_kd@same") in rows and ("same", "sft") in rows

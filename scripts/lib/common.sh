@@ -19,7 +19,8 @@
 #   OVERWRITE=1  start a new run in an existing, non-empty SAVE_PATH: the old run is moved aside
 #                whole to SAVE_PATH.old-<date> first (refused while a live run holds it).
 #   DRY_RUN=1    print the training command (one line, shell-quoted) and exit without running.
-#   EXTRA_ARGS   extra flags appended to the command (word-split), e.g. EXTRA_ARGS="--max-steps 10".
+#   EXTRA_ARGS   extra flags appended to the command (word-split), e.g. EXTRA_ARGS="--max-steps 10";
+#                flags after the script name are appended too: bash <script>.sh --max-steps 10.
 #   TEACHER_CACHE  KD scripts: distil from this offline teacher cache (--teacher-cache; built by the
 #                teacher_cache_*.sh script next to the teacher's SFT script) instead of running the
 #                teacher: no teacher checkpoint is needed and its weights are never loaded.
@@ -57,6 +58,8 @@ fi
 : "${OVERWRITE:=0}"
 : "${DRY_RUN:=0}"
 : "${EXTRA_ARGS:=}"
+# flags given after the script's name go to the entry point too (after EXTRA_ARGS)
+if [[ $# -gt 0 ]]; then EXTRA_ARGS="${EXTRA_ARGS:+${EXTRA_ARGS} }$*"; fi
 
 # ---------------------------------------------------------------- defaults shared by all scripts
 # (published fixed options, spec 10.1)

@@ -97,6 +97,16 @@ def read_methods(path: Path = METHODS_TSV) -> dict[str, Method]:
     return out
 
 
+# The on-policy variant of a method (GKD's mixture): with probability 0.5 a batch's responses are
+# replaced by the student's own samples (T = 1, at most 64 new tokens, the answers' length here).
+ON_POLICY_FLAGS = "--on-policy-ratio 0.5 --on-policy-temperature 1.0 --on-policy-max-new-tokens 64"
+
+
+def on_policy(m: Method) -> Method:
+    """``m`` trained partly on the student's own samples (:data:`ON_POLICY_FLAGS`)."""
+    return replace(m, label=f"{m.label}+on_policy", flags=f"{m.flags} {ON_POLICY_FLAGS}".strip())
+
+
 def control(m: Method) -> Method:
     """The same-vocabulary control of a cross-vocabulary method."""
     return replace(m, label=f"{m.label}@same", setting="same")
@@ -423,8 +433,12 @@ def cmd_compare(args) -> None:
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; known: {list(table)}")
     chosen = [table[m] for m in args.methods]
+    unknown = [m for m in args.on_policy if m not in table or m == "sft"]
+    if unknown:
+        raise SystemExit(f"--on-policy: unknown or not a KD method: {unknown}; known: {list(table)[1:]}")
+    chosen += [on_policy(table[m]) for m in args.on_policy]
     if args.controls or args.controls_only:
-        controls = [control(m) for m in chosen if m.setting == "cross"]
+        controls = [control(m) for m in chosen if m.setting == "cross" and "+on_policy" not in m.label]
         chosen = ([table["sft"]] + controls) if args.controls_only else chosen + controls
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -474,6 +488,11 @@ def grid_points(label: str, base: Method) -> list[Method]:
     """The dev runs of one method (see :data:`GRID`)."""
     flag, values, knob, default, other = GRID[label]
     points = [(v, default) for v in values] + [(values[-1], other)]
+    words = base.flags.split()
+    if knob in words:   # a value chosen earlier: the grid sets the knob itself
+        i = words.index(knob)
+        del words[i:i + 2]
+    base = replace(base, flags=" ".join(words))
     out = []
     for v, k in points:
         m = base
@@ -502,15 +521,66 @@ def cmd_tune(args) -> None:
     labels = args.methods or list(GRID)
     points = [(p, args.seeds[0], out / p.label) for lab in labels for p in grid_points(lab, table[lab])]
     rows = run_grid(points, args, dev_root, "eval-dev")
-    write_csv(rows, out / "tune.csv")
+    for (m, _, _), r in zip(points, [r for r in rows if r["method"] != "teacher"]):
+        r["flags"] = m.flags
+    # tune.csv keeps the points of earlier calls (other methods); a point run again replaces its row
+    path = out / "tune.csv"
+    if path.is_file():
+        key = lambda r: (r["method"], r["setting"])  # noqa: E731
+        with open(path, newline="") as fh:
+            old = {key(r): r for r in csv.DictReader(fh)}
+        old.update({key(r): r for r in rows})
+        rows = list(old.values())
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    rows = [{k: r.get(k, "") for k in fields} for r in rows]
+    write_csv(rows, path)
     lines = ["| point | flags | dev ROUGE-L (sampled) | dev greedy | dev NLL | best dev loss | steps |",
              "|---|---|---|---|---|---|---|"]
-    for (m, _, _), r in zip(points, [r for r in rows if r["method"] != "teacher"]):
-        lines.append(f"| {m.label} | {m.flags} | {r['rougeL']:.2f} | {r['rougeL_greedy']:.2f} | "
-                     f"{r['test_nll']:.3f} | {r['dev_loss']:.3f} | {r['steps']} |")
+    for r in sorted((r for r in rows if r["method"] != "teacher"), key=lambda r: r["method"]):
+        lines.append(f"| {r['method']} | {r['flags']} | {float(r['rougeL']):.2f} | "
+                     f"{float(r['rougeL_greedy']):.2f} | {float(r['test_nll']):.3f} | "
+                     f"{float(r['dev_loss']):.3f} | {r['steps']} |")
     md = "\n".join(lines) + "\n"
     (out / "tune.md").write_text(md)
     print(md)
+
+
+def cmd_choose(args) -> None:
+    """Pick each method's dev point (the best mean sampled dev ROUGE-L of its grid in tune.csv)
+    and print, or with ``--write`` store, its row of methods.tsv."""
+    table = read_methods()
+    path = Path(args.tune_csv)
+    if not path.is_file():
+        raise SystemExit(f"compare.py choose: {path} does not exist; run scripts/tiny/tune.sh first")
+    with open(path, newline="") as fh:
+        scored = {r["method"]: r for r in csv.DictReader(fh)}
+    chosen = {}
+    for lab in GRID:
+        if lab == "sft" or lab not in table:   # SFT's grid sets the students' learning rate
+            continue
+        points = [q for q in grid_points(lab, table[lab]) if q.label in scored]
+        if not points:
+            continue
+        if len(points) < 3:
+            logger.warning("%s: only %d of its 3 dev points are in %s", lab, len(points), path)
+        best = max(points, key=lambda q: float(scored[q.label]["rougeL"]))
+        chosen[lab] = replace(best, label=lab)
+        print(f"{lab}: {best.label} (dev ROUGE-L {float(scored[best.label]['rougeL']):.2f}) -> "
+              f"kd_rate {best.kd_rate}, kd_temp {best.kd_temp}, flags {best.flags or '-'}")
+    if not args.write:
+        return
+    lines = METHODS_TSV.read_text().splitlines()
+    for i, line in enumerate(lines):
+        cols = line.split()
+        if line.lstrip().startswith("#") or len(cols) != 6 or cols[0] not in chosen:
+            continue
+        m = chosen[cols[0]]
+        cols[3] = f"{m.kd_rate:g}"
+        cols[4] = f"{m.kd_temp:g}" if m.kd_temp is not None else "-"
+        cols[5] = m.flags.replace(" ", ",") if m.flags else "-"
+        lines[i] = f"{cols[0]:<18}{cols[1]:<30}{cols[2]:<9}{cols[3]:<9}{cols[4]:<9}{cols[5]}"
+    METHODS_TSV.write_text("\n".join(lines) + "\n")
+    print(f"wrote {METHODS_TSV}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -540,11 +610,18 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--controls", action="store_true",
                    help="also run every cross-vocabulary method with the same-vocabulary teacher")
     c.add_argument("--controls-only", action="store_true", help="SFT and the controls only")
+    c.add_argument("--on-policy", nargs="*", default=[], metavar="METHOD",
+                   help="also run these methods on-policy (label <method>+on_policy; flags: "
+                        + ON_POLICY_FLAGS + ")")
     t = sub.choices["tune"]
     t.add_argument("--methods", nargs="+", default=None, choices=list(GRID))
+    ch = sub.add_parser("choose", help="each method's best dev point (from tune.csv) into methods.tsv")
+    ch.add_argument("--tune-csv", default=str(ROOT / "outputs/tiny/tune/tune.csv"))
+    ch.add_argument("--write", action="store_true", help="rewrite the chosen rows of methods.tsv")
+    ch.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
-    {"compare": cmd_compare, "tune": cmd_tune}[args.cmd](args)
+    {"compare": cmd_compare, "tune": cmd_tune, "choose": cmd_choose}[args.cmd](args)
 
 
 if __name__ == "__main__":

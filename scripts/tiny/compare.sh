@@ -2,7 +2,7 @@
 # The paper's comparison in miniature on the embedded default (docs/RESULTS.md has the results).
 #   bash scripts/tiny/compare.sh                          # main table: both settings, every method
 #   CONTROLS=1 bash scripts/tiny/compare.sh               # + cross-vocabulary methods, same teacher
-#   METHODS="sft mcw_kd" SEEDS="10 20 30" bash scripts/tiny/compare.sh
+#   METHODS="sft mcw_kd" SEEDS="10 20 30" ON_POLICY= bash scripts/tiny/compare.sh
 # Trains (or reuses) the SFT teachers in outputs/tiny/<teacher>/sft/run (shared with run.sh), then
 # one student per method and training seed in ${OUT}/<method>/seed<k>, each until its dev loss
 # stops improving, with the options of scripts/tiny/methods.tsv; evaluates each best-on-dev
@@ -12,7 +12,9 @@
 # unfinished ones resumed.
 # Environment: SEEDS (training seeds, default "10 20 30 40 50"), EVAL_SEEDS ("10 20 30"), JOBS (2),
 # METHODS (default: every row of methods.tsv), CONTROLS (1: add the controls; only: SFT and the
-# controls alone), OUT (outputs/tiny/compare), ARGS (extra scripts/tiny/compare.py flags).
+# controls alone), ON_POLICY (methods also trained on-policy, label <method>+on_policy; default
+# "vanilla_kd mcw_kd dskd_v2"; empty: none), OUT (outputs/tiny/compare), ARGS (extra
+# scripts/tiny/compare.py flags).
 set -euo pipefail
 BASE_PATH=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 : "${PYTHON:=python}"
@@ -21,6 +23,7 @@ BASE_PATH=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 : "${JOBS:=2}"
 : "${METHODS:=}"
 : "${CONTROLS:=0}"
+: "${ON_POLICY=vanilla_kd mcw_kd dskd_v2}"
 : "${OUT:=${BASE_PATH}/outputs/tiny/compare}"
 : "${ARGS:=}"
 export PYTHONPATH="${BASE_PATH}/code${PYTHONPATH:+:${PYTHONPATH}}"
@@ -30,6 +33,8 @@ opts=(--out "${OUT}" --teacher-out "${BASE_PATH}/outputs/tiny" --jobs "${JOBS}")
 opts+=(--seeds ${SEEDS} --eval-seeds ${EVAL_SEEDS})
 # shellcheck disable=SC2206
 [[ -n "${METHODS}" ]] && opts+=(--methods ${METHODS})
+# shellcheck disable=SC2206
+[[ -n "${ON_POLICY}" ]] && opts+=(--on-policy ${ON_POLICY})
 case "${CONTROLS}" in 1) opts+=(--controls) ;; only) opts+=(--controls-only) ;; esac
 SECONDS=0
 # shellcheck disable=SC2086
