@@ -13,7 +13,7 @@
 # Environment: SEEDS (training seeds, default "10 20 30 40 50"), EVAL_SEEDS ("10 20 30"), JOBS (2),
 # METHODS (default: every row of methods.tsv), CONTROLS (1: add the controls; only: SFT and the
 # controls alone), ON_POLICY (methods also trained on-policy, label <method>+on_policy; default
-# "vanilla_kd mcw_kd dskd_v2"; empty: none), OUT (outputs/tiny/compare), ARGS (extra
+# "vanilla_kd mcw_kd uld_hybrid"; empty: none), OUT (outputs/tiny/compare), ARGS (extra
 # scripts/tiny/compare.py flags).
 set -euo pipefail
 BASE_PATH=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -23,7 +23,7 @@ BASE_PATH=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 : "${JOBS:=2}"
 : "${METHODS:=}"
 : "${CONTROLS:=0}"
-: "${ON_POLICY=vanilla_kd mcw_kd dskd_v2}"
+: "${ON_POLICY=vanilla_kd mcw_kd uld_hybrid}"
 : "${OUT:=${BASE_PATH}/outputs/tiny/compare}"
 : "${ARGS:=}"
 export PYTHONPATH="${BASE_PATH}/code${PYTHONPATH:+:${PYTHONPATH}}"
