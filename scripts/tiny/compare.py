@@ -575,8 +575,8 @@ def cmd_choose(args) -> None:
         if line.lstrip().startswith("#") or len(cols) != 6 or cols[0] not in chosen:
             continue
         m = chosen[cols[0]]
-        cols[3] = f"{m.kd_rate:g}"
-        cols[4] = f"{m.kd_temp:g}" if m.kd_temp is not None else "-"
+        cols[3] = "0" if m.kd_rate == 0 else repr(float(m.kd_rate))
+        cols[4] = repr(float(m.kd_temp)) if m.kd_temp is not None else "-"
         cols[5] = m.flags.replace(" ", ",") if m.flags else "-"
         lines[i] = f"{cols[0]:<18}{cols[1]:<30}{cols[2]:<9}{cols[3]:<9}{cols[4]:<9}{cols[5]}"
     METHODS_TSV.write_text("\n".join(lines) + "\n")
