@@ -193,6 +193,7 @@ def test_replace_keeps_off_policy_batches_and_logs(setup):
     out = m.replace(micro, 5, model, acc, torch.device("cpu"))
     for b, o, coin in zip(micro, out, coins):
         assert (o is b) != coin
+        assert bool(o.get("on_policy", False)) == coin   # criteria drop their CE on these
     assert float(acc["stat/on_policy"]) == sum(coins)
     assert set(acc) == {"stat/on_policy", "stat/on_policy_finished", "stat/on_policy_retokenized"}
 
@@ -287,10 +288,16 @@ def test_sampled_batch_is_valid_for_every_criterion(setup, name):
     with torch.no_grad():
         t_out = teacher(**model_inputs(teacher, batch, "teacher_"), output_hidden_states=need_h,
                         use_cache=False)
-    loss, n_tok, metrics = crit(batch, model_view(student, out, with_hidden=need_h),
-                                model_view(teacher, t_out, with_hidden=need_h))
+    views = (model_view(student, out, with_hidden=need_h), model_view(teacher, t_out, with_hidden=need_h))
+    loss, n_tok, metrics = crit(batch, *views)
     assert int(n_tok) == int(count_tokens(batch["labels"])) > 0
     assert torch.isfinite(loss) and float(loss.detach()) > 0
+    # marked on-policy, the same batch loses exactly its CE term: (1 - kd_rate) CE or CE
+    with torch.no_grad():
+        on = crit({**batch, "on_policy": torch.ones((), dtype=torch.bool)}, *views)
+    weight = float((loss.detach() - on.loss_sum) / metrics["nll_loss"])
+    rate = float(getattr(crit, "kd_rate", 0.0))
+    assert min(abs(weight - 1.0), abs(weight - (1.0 - rate))) < 1e-4, (weight, rate)
     (loss / n_tok).backward()
     grads = [p.grad for p in student.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)

@@ -220,3 +220,10 @@ def head_logits(hidden: torch.Tensor, head_weight: torch.Tensor,
     w = head_weight.detach()
     b = None if head_bias is None else head_bias.detach()
     return F.linear(hidden.to(w.dtype), w, b)
+
+
+def is_on_policy(batch: dict) -> bool:
+    """True for a batch whose responses the student sampled (``batch["on_policy"]``, set by
+    :mod:`mckd.train.on_policy`): criteria drop their CE term there."""
+    flag = batch.get("on_policy")
+    return flag is not None and bool(flag)

@@ -9,22 +9,29 @@ from __future__ import annotations
 import torch
 
 from mckd.criteria.base import Criterion, CriterionOutput, ModelDims, ModelView, register_criterion
-from mckd.criteria.common import count_tokens, cross_entropy_sum, token_accuracy
+from mckd.criteria.common import count_tokens, cross_entropy_sum, is_on_policy, token_accuracy
 
 
-def sft_terms(logits: torch.Tensor, labels: torch.Tensor,
-              label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def sft_terms(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
+              batch: dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """CE token sum and the standard metrics every criterion logs.
 
     Args:
         logits: (B, T_s, V_s) student logits.
         labels: (B, T_s) shifted labels, ``-100`` = ignored.
         label_smoothing: eps.
+        batch: the criterion's batch; when it is an on-policy batch (``batch["on_policy"]`` true:
+            the responses are the student's own samples, see :mod:`mckd.train.on_policy`) the
+            returned CE is 0 (times the CE, so the graph is the same): there is no reference to
+            imitate, only the teacher's distributions on those tokens (GKD). The metrics still
+            measure the student's NLL of its samples.
 
     Returns:
         ``(ce_sum, metrics)`` with metrics ``nll_loss`` (token sum) and ``accuracy`` (count).
     """
     ce, nll = cross_entropy_sum(logits, labels, label_smoothing)
+    if batch is not None and is_on_policy(batch):
+        ce = ce * 0.0
     return ce, {"nll_loss": nll.detach(), "accuracy": token_accuracy(logits.detach(), labels)}
 
 
@@ -45,6 +52,6 @@ class CrossEntropy(Criterion):
     def forward(self, batch: dict[str, torch.Tensor], student: ModelView,
                 teacher: ModelView | None = None) -> CriterionOutput:
         labels = batch["labels"]
-        ce, metrics = sft_terms(student.logits, labels, self.label_smoothing)
+        ce, metrics = sft_terms(student.logits, labels, self.label_smoothing, batch)
         metrics["loss"] = ce.detach()
         return CriterionOutput(ce, count_tokens(labels), metrics)

@@ -119,7 +119,7 @@ class DualSpaceKD(Criterion):
         h_s = require_hidden(student, "student", "dual_space_kd")
         h_t = require_hidden(teacher, "teacher", "dual_space_kd")
         labels = batch["labels"]
-        ce, metrics = sft_terms(student.logits, labels, self.label_smoothing)
+        ce, metrics = sft_terms(student.logits, labels, self.label_smoothing, batch)
         terms = dskd_losses(
             student_logits=student.logits, student_hidden=h_s, teacher_logits=teacher.logits,
             teacher_hidden=h_t, labels=labels, teacher_labels=teacher_labels(batch),

@@ -323,7 +323,7 @@ class DualSpaceKDV2(Criterion):
         if INDEX_KEY not in batch:
             raise KeyError(f"{name}: the batch lacks {INDEX_KEY!r}; build the data with alignment=('exact',)")
         labels = batch["labels"]
-        ce, metrics = sft_terms(student.logits, labels, self.label_smoothing)
+        ce, metrics = sft_terms(student.logits, labels, self.label_smoothing, batch)
         terms = eta_dual_space_terms(
             student_logits=student.logits, student_hidden=h_s, teacher_logits=teacher.logits, teacher_hidden=h_t,
             labels=labels, teacher_labels=teacher_labels(batch), exact_index=batch[INDEX_KEY],

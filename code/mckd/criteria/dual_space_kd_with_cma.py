@@ -239,7 +239,7 @@ class DualSpaceKDWithCMA(Criterion):
         h_s = require_hidden(student, "student", name)
         h_t = require_hidden(teacher, "teacher", name)
         labels = batch["labels"]
-        ce, metrics = sft_terms(student.logits, labels, self.label_smoothing)
+        ce, metrics = sft_terms(student.logits, labels, self.label_smoothing, batch)
         terms = cma_losses(
             student_logits=student.logits, student_hidden=h_s, teacher_logits=teacher.logits,
             teacher_hidden=h_t, input_ids=batch["input_ids"], labels=labels,

@@ -231,7 +231,7 @@ class DWAKD(Criterion):
         h_s, h_t = require_hidden(student, "student", name), require_hidden(teacher, "teacher", name)
         labels, t_labels = batch["labels"], teacher_labels(batch)
         n_tokens = count_tokens(labels)
-        ce, metrics = sft_terms(student.logits, labels, self.label_smoothing)
+        ce, metrics = sft_terms(student.logits, labels, self.label_smoothing, batch)
         loss = ce
         if self.kd_rate != 0.0:
             w_s, w_t = dual_space_weights(student.logits, teacher.logits, labels, t_labels)

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from mckd.criteria.base import Criterion, CriterionOutput, ModelView, register_criterion
-from mckd.criteria.common import (combine_losses, count_tokens, cross_entropy_sum, label_mask, require_hidden,
-                                  teacher_input_ids, teacher_labels)
+from mckd.criteria.common import (combine_losses, count_tokens, cross_entropy_sum, is_on_policy, label_mask,
+                                  require_hidden, teacher_input_ids, teacher_labels)
 from mckd.criteria.divergences import get_divergence
 from mckd.criteria.dual_space_kd_with_cma import CMA_PROJECTORS, cma_kwargs_from_args, cma_losses
 from mckd.criteria.exact_kl import exact_vocab_kl
@@ -248,6 +248,8 @@ class MCWKD(Criterion):
         labels = batch["labels"]
         n_tokens = count_tokens(labels)
         ce, nll = cross_entropy_sum(student.logits, labels, self.label_smoothing)
+        if is_on_policy(batch):   # the student's own samples: no reference to imitate
+            ce = ce * 0.0
         metrics: dict[str, torch.Tensor] = {"nll_loss": nll.detach()}
         if self.kd_rate != 0.0:
             kd = self.cma_terms(batch, student, teacher)

@@ -278,7 +278,7 @@ class MinEditDisKLD(Criterion):
                                        teacher_input_ids(batch), labels, self.tea2stu,
                                        self.stu2tea_teacher)
         mask = label_mask(labels)
-        ce, metrics = sft_terms(student.logits, labels, self.label_smoothing)
+        ce, metrics = sft_terms(student.logits, labels, self.label_smoothing, batch)
         per_token = mined_kd_per_token(student.logits, cols, aligned, labels, self.stu2tea_student,
                                        self.kd_temperature, self.tau_squared)  # (B, T_s)
         kd = masked_sum(per_token, mask)

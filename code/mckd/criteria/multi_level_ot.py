@@ -194,7 +194,7 @@ class MultiLevelOT(Criterion):
         if teacher is None:
             raise ValueError("multi_level_ot: needs a teacher, but teacher=None")
         labels = batch["labels"]
-        ce, metrics = sft_terms(student.logits, labels, self.label_smoothing)
+        ce, metrics = sft_terms(student.logits, labels, self.label_smoothing, batch)
         published = self.variant == "published"
         idx_s, idx_t, valid = response_start_alignment(labels, teacher_labels(batch), wrap=published)
         zs = gather_positions(student.logits, idx_s)                          # (B, N, V_s)

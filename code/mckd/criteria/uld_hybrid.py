@@ -276,7 +276,7 @@ class ULDHybrid(Criterion):
         if teacher.logits.shape[-1] != self.rest_t.numel() + self.shared_t.numel():
             raise ValueError(f"uld_hybrid: the teacher logits have {teacher.logits.shape[-1]} columns but the "
                              f"vocabulary map covers {self.rest_t.numel() + self.shared_t.numel()}")
-        ce, metrics = sft_terms(student.logits, labels, self.label_smoothing)
+        ce, metrics = sft_terms(student.logits, labels, self.label_smoothing, batch)
         out = uld_hybrid_loss(student_logits=student.logits, teacher_logits=teacher.logits, labels=labels,
                               teacher_labels=teacher_labels(batch), index=batch[key],
                               merge=self.positions == "groups", shared_s=self.shared_s, shared_t=self.shared_t,

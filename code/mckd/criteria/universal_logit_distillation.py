@@ -162,7 +162,7 @@ class UniversalLogitDistillation(Criterion):
         if teacher is None:
             raise ValueError("universal_logit_distillation: needs a teacher, but teacher=None")
         labels = batch["labels"]
-        ce, metrics = sft_terms(student.logits, labels, self.label_smoothing)
+        ce, metrics = sft_terms(student.logits, labels, self.label_smoothing, batch)
         uld = uld_loss(student.logits, teacher.logits, labels, teacher_labels(batch))
         loss = combine_losses(ce, uld, self.kd_rate, self.loss_combination, "interpolate")
         metrics.update(uld_loss=uld.detach(), kd_loss=uld.detach(), loss=loss.detach())

@@ -68,7 +68,7 @@ class VariousDivergence(Criterion):
             raise ValueError("various_divergence: needs a teacher, but the loop passed teacher=None")
         labels = batch["labels"]
         check_same_vocab(student.logits, teacher.logits, "various_divergence")
-        ce, metrics = sft_terms(student.logits, labels, self.label_smoothing)
+        ce, metrics = sft_terms(student.logits, labels, self.label_smoothing, batch)
         rows = label_rows(label_mask(labels))                               # label rows only
         per_token = self.divergence(gather_rows(student.logits, rows),
                                     gather_rows(teacher.logits.detach(), rows),
