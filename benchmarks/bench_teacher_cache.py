@@ -272,9 +272,12 @@ def teacher_worker(row, args, queue) -> None:
 
 
 def pair_worker(row, args, queue) -> None:
-    """Live and cached steps of one criterion in one process, interleaved; then the build probe."""
+    """Live and cached steps of one criterion in one process, interleaved; then the build probe.
+    Step peak: resident set on CPU, ``max_memory_allocated`` on CUDA, above the value before the step."""
     import gc
     import statistics
+
+    import torch
 
     try:
         with tempfile.TemporaryDirectory(prefix="bench_tc_") as tmp:
@@ -295,6 +298,7 @@ def pair_worker(row, args, queue) -> None:
             steps = {"live": step_live, "cached": step_cached}
             times = {m: [] for m in steps}
             peaks = {m: [] for m in steps}
+            cuda = args.device == "cuda"
             for _ in range(args.repeats):
                 for mode, fn in steps.items():
                     gc.collect()
@@ -302,11 +306,15 @@ def pair_worker(row, args, queue) -> None:
                     with open("/proc/self/clear_refs", "w") as f:
                         f.write("5")     # reset the peak resident set to the current one
                     harness.sync(args.device)
+                    if cuda:
+                        torch.cuda.reset_peak_memory_stats()
+                        before = torch.cuda.memory_allocated() / 2 ** 20
                     t0 = time.perf_counter()
                     fn()
                     harness.sync(args.device)
                     times[mode].append(time.perf_counter() - t0)
-                    peaks[mode].append(_rss_mib("VmHWM") - before)
+                    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else _rss_mib("VmHWM")
+                    peaks[mode].append(peak - before)
             rows = []
             for mode in steps:
                 rows.append({"row": row, "mode": mode, "B": args.batch, "T": args.length, "device": args.device,
