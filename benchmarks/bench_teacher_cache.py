@@ -32,7 +32,7 @@ from other processes hits both alike; the step peak is measured around every ste
 resident memory each mode's build and warm-up step added (student, its AdamW state, criterion,
 batch, and the teacher or the cache's tables and the pages of them the step touched). After the
 timed rounds the same process times the builder's inner loop on ``--build-examples`` batches with
-the same teacher (examples/s, positions/s).
+the same teacher (examples/s, positions/s; once per teacher shape).
 
 Run (CPU: a full-depth step takes about a minute on one core)::
 
@@ -343,8 +343,12 @@ def run_interleaved(args) -> list[dict]:
     print("| criterion | teacher | step ms (median) | cached / live | step peak MiB | built MiB |")
     print("|---|---|---|---|---|---|")
     builds = []
+    probed = set()
     for row in args.rows:
-        rows = harness.run_in_fresh_process(pair_worker, row, args)
+        shape = teacher_shape(row)["hidden"]     # one build probe per teacher shape
+        row_args = argparse.Namespace(**{**vars(args), "build_examples": 0 if shape in probed else args.build_examples})
+        probed.add(shape)
+        rows = harness.run_in_fresh_process(pair_worker, row, row_args)
         results.extend(rows)
         by = {r["mode"]: r for r in rows}
         if "error" in by.get("pair", {}):
