@@ -34,14 +34,15 @@ batch, and the teacher or the cache's tables and the pages of them the step touc
 timed rounds the same process times the builder's inner loop on ``--build-examples`` batches with
 the same teacher (examples/s, positions/s; once per teacher shape).
 
-Run (CPU: a full-depth step takes about a minute on one core)::
+Run (CPU, one thread: a full-depth live step took 28-35 s, a cached one 7-14 s)::
 
     python benchmarks/bench_teacher_cache.py --batch 1 --length 512 --student-layers 2 --teacher-layers 2 \
         --repeats 3 --json benchmarks/results/cpu_teacher_cache.json
     python benchmarks/bench_teacher_cache.py --batch 1 --length 512 --interleave --repeats 2 --top-k 1024 \
-        --no-teacher-probe --build-examples 3 --json benchmarks/results/cpu_teacher_cache_full_depth.json
+        --no-teacher-probe --build-examples 2 --json benchmarks/results/cpu_teacher_cache_full_depth.json
     # GPU
-    python benchmarks/bench_teacher_cache.py --device cuda --dtype bf16 --batch 4 --length 512 --repeats 10
+    python benchmarks/bench_teacher_cache.py --device cuda --dtype bf16 --batch 4 --length 512 --interleave \
+        --repeats 10 --build-examples 4
 """
 from __future__ import annotations
 
