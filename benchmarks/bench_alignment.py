@@ -7,8 +7,9 @@ Run (CPU; takes ~1 minute)::
     python benchmarks/bench_alignment.py --lengths 128 256 512 --repeats 5
 
 Token strings come from real Dolly text tokenised by the two tokenizers of ../shared/model_hub
-(cut or repeated to each length). Each "example" is the MCW-KD feature (two DTW passes, spec 7.4)
-plus the MinED feature (one DTW pass with markers stripped, spec 6.5), i.e. what the data pipeline
+(cut or repeated to each length). Each "example" is the MCW-KD feature (two DTW passes over the
+token strings, student -> teacher and back) plus the MinED feature (one DTW pass over the strings
+with the word markers "Ġ" / "▁" stripped), i.e. what the data pipeline
 computes once per example. The published code recomputed them at every training step.
 """
 from __future__ import annotations
