@@ -7,8 +7,9 @@ Run (CPU; takes ~1 minute)::
     python benchmarks/bench_alignment.py --lengths 128 256 512 --repeats 5
 
 Token strings come from real Dolly text tokenised by the two tokenizers of ../shared/model_hub
-(cut or repeated to each length). Each "example" is the MCW-KD feature (two DTW passes, spec 7.4)
-plus the MinED feature (one DTW pass with markers stripped, spec 6.5), i.e. what the data pipeline
+(cut or repeated to each length). Each "example" is the MCW-KD feature (two DTW passes over the
+token strings, student -> teacher and back) plus the MinED feature (one DTW pass over the strings
+with the word markers "Ġ" / "▁" stripped), i.e. what the data pipeline
 computes once per example. The published code recomputed them at every training step.
 """
 from __future__ import annotations
@@ -27,6 +28,9 @@ import numpy as np  # noqa: E402
 from rapidfuzz.distance import Levenshtein  # noqa: E402
 
 from mckd.data import alignment as al  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from harness import machine  # noqa: E402
 
 
 def python_dtw(series_1, series_2, dist):
@@ -93,6 +97,7 @@ def main():
     ms, mt = al.word_marker(s_tok), al.word_marker(t_tok)
     text = " ".join(json.loads(line)["prompt"] + json.loads(line)["output"]
                     for line in list(open(args.data, encoding="utf-8"))[:20])
+    print(f"# {machine()}")
     print(f"student {Path(args.student).name}, teacher {Path(args.teacher).name}; "
           f"per example = MCW-KD (2 DTW passes) + MinED (1 pass)")
     print("| length (N = M) | pure-Python loop (s) | ours (ms) | speed-up |")
@@ -102,7 +107,8 @@ def main():
         assert al.dtw_path(al.levenshtein_matrix(s, t)) == python_dtw(s, t, Levenshtein.distance)
         ours = timeit(lambda: ours_example(s, t, ms, mt), args.repeats)
         loop = timeit(lambda: python_example(s, t, ms, mt), args.python_repeats)
-        print(f"| {n} | {loop:.3f} | {ours * 1e3:.1f} | {loop / ours:.0f}x |")
+        print(f"| {n} | {loop:.3f} | {ours * 1e3:.1f} | {loop / ours:.0f}x |", flush=True)
+    print(f"# done: {machine()}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@ from mckd.evaluation.generate import generate_batched, generation_kwargs, strip_
 from mckd.evaluation.loading import pick_dtype  # noqa: E402
 from mckd.models.tokenizers import load_tokenizer  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import machine  # noqa: E402
+
 SHARED = Path(os.environ.get("MCKD_SHARED", ROOT.parent / "shared"))
 HUB = {"gpt2": "gpt2/gpt2-base", "qwen": "qwen/Qwen1.5-1.8B", "llama2": "llama2/llama2-7b-hf"}
 
@@ -107,6 +110,7 @@ def main(argv=None) -> int:
     generate_batched(model, tok, prompts[:args.batch_size], **{**gen, "max_new_tokens": 2})  # warm-up
     loop_prompts = prompts[:args.loop_n or args.n]
 
+    print(f"# {machine()}", flush=True)
     rows = []
     outs, sec = timed(lambda: generate_batched(model, tok, prompts, **gen), device)
     rows.append({"path": "batched", "n": len(prompts), "new_tokens": sum(map(len, outs)), "seconds": sec})
@@ -125,6 +129,7 @@ def main(argv=None) -> int:
     summary = {"summary": True, **info, "speedup_examples_per_s": round(b["examples_per_s"] / lp["examples_per_s"], 2),
                "speedup_new_tokens_per_s": round(b["new_tokens_per_s"] / lp["new_tokens_per_s"], 2)}
     print(json.dumps(summary))
+    print(f"# done: {machine()}")
     if args.json:
         Path(args.json).write_text("\n".join(json.dumps(r) for r in rows + [summary]) + "\n")
     return 0

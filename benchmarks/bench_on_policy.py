@@ -4,7 +4,7 @@ training step (teacher forward, student forward + backward, criterion, optimizer
 Run (CPU by default, one torch thread; on a GPU add ``--device cuda --dtype bf16 --full-depth``)::
 
     python benchmarks/bench_on_policy.py                          # B=4, prompts <= 256, 256 new tokens
-    python benchmarks/bench_on_policy.py --batch 2 --steps-once --json benchmarks/results/cpu_on_policy.json
+    python benchmarks/bench_on_policy.py --batch 2 --repeats 2 --json benchmarks/results/cpu_on_policy_steps.json
     python benchmarks/bench_on_policy.py --batch 2 --no-steps --json benchmarks/results/cpu_on_policy.json
     python benchmarks/bench_on_policy.py --device cuda --dtype bf16 --full-depth --batch 8
 
@@ -29,7 +29,9 @@ Rows (median of ``--repeats`` interleaved rounds, :func:`harness.time_interleave
   and the alignment features listed: none, MinED's index, MCW-KD's DTW pairs, or both) + the
   eos masking, i.e. everything between the samples and the batch;
 * ``step_on_policy`` / ``step_off_policy``: the training step of the criterion on the on-policy
-  batch / on the cached batch of the same prompts with the dataset's responses.
+  batch / on the cached batch of the same prompts with the dataset's responses;
+* ``criterion_on_policy`` / ``criterion_off_policy``: the criterion alone (forward + backward) on
+  those batches, on precomputed model outputs (the step minus it is the model passes + optimizer).
 """
 from __future__ import annotations
 
@@ -61,9 +63,39 @@ def build_models(args):
     return student, teacher.to(args.device, dt).eval().requires_grad_(False), t_layers
 
 
+def make_criterion_step(student, teacher, crit, batch, args):
+    """``fn()``: the criterion alone (forward + backward) on ``batch``, outside the model passes:
+    the student's logits and hidden states are precomputed leaves that require grad, the teacher's
+    precomputed outputs are constant (as in :mod:`harness`)."""
+    import torch
+
+    from mckd.criteria.base import ModelView
+    from mckd.criteria.common import count_tokens
+    from mckd.models.loading import model_view
+
+    batch = {k: v.to(args.device) for k, v in batch.items()}
+    with torch.no_grad():
+        s_out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        output_hidden_states=True)
+        t_out = teacher(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
+                        output_hidden_states=True)
+    sv = model_view(student, s_out, with_hidden=True)
+    s_view = ModelView(sv.logits.detach().requires_grad_(True), sv.hidden.detach().requires_grad_(True),
+                       sv.embed_tokens, sv.lm_head)
+    t_view = model_view(teacher, t_out, with_hidden=True)
+    n = count_tokens(batch["labels"]).clamp_min(1)
+
+    def fn():
+        s_view.logits.grad = s_view.hidden.grad = None
+        (crit(batch, s_view, t_view).loss_sum / n).backward()
+        student.zero_grad(set_to_none=True)   # the criterion rows leave no gradient to the step rows
+        crit.zero_grad(set_to_none=True)
+    return fn
+
+
 def make_train_step(student, teacher, args):
     """``step(batch)``: teacher forward, student forward + backward, MCW-KD (reference preset: it
-    reads the DTW pairs), AdamW step."""
+    reads the DTW pairs), AdamW step; the criterion is ``step.criterion``."""
     import torch
 
     from mckd.criteria import get_criterion_class
@@ -87,6 +119,7 @@ def make_train_step(student, teacher, args):
         (loss / count_tokens(batch["labels"]).clamp_min(1)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    step.criterion = crit
     return step
 
 
@@ -103,7 +136,7 @@ def main(argv=None) -> int:
                    help="skip the two training-step rows (generation and re-tokenisation only)")
     p.add_argument("--steps-once", action="store_true",
                    help="time the two training-step rows once each, in the first round, after one "
-                        "shared warm-up step (CPU: an MCW-KD step at these lengths takes minutes)")
+                        "shared warm-up step (CPU, B = 2: an on-policy MCW-KD step took ~33 s)")
     args = p.parse_args(argv)
     harness.configure_cpu(args.threads, not args.keep_denormals)
 
@@ -149,6 +182,8 @@ def main(argv=None) -> int:
     if args.steps:
         fns["step_on_policy"] = lambda: step(on_batch)
         fns["step_off_policy"] = lambda: step(off_batch)
+        fns["criterion_on_policy"] = make_criterion_step(student, teacher, step.criterion, on_batch, args)
+        fns["criterion_off_policy"] = make_criterion_step(student, teacher, step.criterion, off_batch, args)
     once = ("step_on_policy", "step_off_policy") if args.steps_once else ()
     if args.steps and args.steps_once:
         step(off_batch)  # AdamW allocates its state on the first step: not part of either row
@@ -165,6 +200,11 @@ def main(argv=None) -> int:
         on = gen + med["retok_align:dtw"] + med["step_on_policy"]
         print(f"# on-policy step (generation + retok_align:dtw + step_on_policy) = {on:.0f} ms = "
               f"{on / med['step_off_policy']:.1f}x the off-policy step ({med['step_off_policy']:.0f} ms)")
+        print(f"# split of the on-policy step: generation {gen:.0f} ms, re-tokenisation + alignment "
+              f"{med['retok_align:dtw']:.1f} ms, criterion {med['criterion_on_policy']:.0f} ms, model passes + "
+              f"optimizer {med['step_on_policy'] - med['criterion_on_policy']:.0f} ms; off-policy step: criterion "
+              f"{med['criterion_off_policy']:.0f} ms, model passes + optimizer "
+              f"{med['step_off_policy'] - med['criterion_off_policy']:.0f} ms")
     return harness.finish(rows, args.json)
 
 

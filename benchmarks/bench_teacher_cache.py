@@ -25,13 +25,24 @@ GPT2-1.5B shape (48 layers, 1600, 25 heads); Qwen1.5-1.8B shape (24 layers, 2048
 16 heads, untied head, V 151936). ``--student-layers`` / ``--teacher-layers`` cut the depth.
 Batch layout of :mod:`harness` (35 % prompt, 55 % labels, 10 % padding).
 
-Run (CPU: full-depth steps take minutes on 2 shared cores, so the step rows cut the depth and the
-full-depth teacher is measured by the probe)::
+``--interleave``: one fresh process per criterion holds the student, the live teacher and the
+cache; warm-up steps of both, then ``--repeats`` rounds of (live step, cached step), so that load
+from other processes hits both alike; the step peak is measured around every step in that process
+(peak resident set reset before the step, minus the resident set then); "built" memory is the
+resident memory each mode's build and warm-up step added (student, its AdamW state, criterion,
+batch, and the teacher or the cache's tables and the pages of them the step touched). After the
+timed rounds the same process times the builder's inner loop on ``--build-examples`` batches with
+the same teacher (examples/s, positions/s; once per teacher shape).
+
+Run (CPU, one thread: a full-depth live step took 28-35 s, a cached one 7-14 s)::
 
     python benchmarks/bench_teacher_cache.py --batch 1 --length 512 --student-layers 2 --teacher-layers 2 \
         --repeats 3 --json benchmarks/results/cpu_teacher_cache.json
+    python benchmarks/bench_teacher_cache.py --batch 1 --length 512 --interleave --repeats 2 --top-k 1024 \
+        --no-teacher-probe --build-examples 2 --json benchmarks/results/cpu_teacher_cache_full_depth.json
     # GPU
-    python benchmarks/bench_teacher_cache.py --device cuda --dtype bf16 --batch 4 --length 512 --repeats 10
+    python benchmarks/bench_teacher_cache.py --device cuda --dtype bf16 --batch 4 --length 512 --interleave \
+        --repeats 10 --build-examples 4
 """
 from __future__ import annotations
 
@@ -182,6 +193,8 @@ def build_step(row, mode, args, tmp: Path):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    step.batch = batch
+    step.teacher = teacher if mode == "live" else None
     return step, info
 
 
@@ -259,6 +272,112 @@ def teacher_worker(row, args, queue) -> None:
         queue.put({"row": row, "mode": "teacher", "error": f"{type(e).__name__}: {e}"})
 
 
+def pair_worker(row, args, queue) -> None:
+    """Live and cached steps of one criterion in one process, interleaved; then the build probe.
+    Step peak: resident set on CPU, ``max_memory_allocated`` on CUDA, above the value before the step."""
+    import gc
+    import statistics
+
+    import torch
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench_tc_") as tmp:
+            harness.configure_cpu(args.threads)
+            gc.collect()
+            rss0 = _rss_mib("VmRSS")
+            step_live, info = build_step(row, "live", args, Path(tmp) / "unused")
+            teacher = step_live.teacher
+            step_live()                  # warm-up (AdamW state, lazy allocations, mapped pages touched)
+            gc.collect()
+            rss1 = _rss_mib("VmRSS")
+            (Path(tmp) / "cache").mkdir()
+            step_cached, cinfo = build_step(row, "cached", args, Path(tmp) / "cache")
+            step_cached()
+            gc.collect()
+            rss2 = _rss_mib("VmRSS")
+            info.update(cinfo)
+            steps = {"live": step_live, "cached": step_cached}
+            times = {m: [] for m in steps}
+            peaks = {m: [] for m in steps}
+            cuda = args.device == "cuda"
+            for _ in range(args.repeats):
+                for mode, fn in steps.items():
+                    gc.collect()
+                    before = _rss_mib("VmRSS")
+                    with open("/proc/self/clear_refs", "w") as f:
+                        f.write("5")     # reset the peak resident set to the current one
+                    harness.sync(args.device)
+                    if cuda:
+                        torch.cuda.reset_peak_memory_stats()
+                        before = torch.cuda.memory_allocated() / 2 ** 20
+                    t0 = time.perf_counter()
+                    fn()
+                    harness.sync(args.device)
+                    times[mode].append(time.perf_counter() - t0)
+                    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else _rss_mib("VmHWM")
+                    peaks[mode].append(peak - before)
+            rows = []
+            for mode in steps:
+                rows.append({"row": row, "mode": mode, "B": args.batch, "T": args.length, "device": args.device,
+                             "dtype": args.dtype, **info, **harness.summary(times[mode]),
+                             "step_peak_MiB": max(peaks[mode]),
+                             # resident memory the mode's build and warm-up step added: student, its
+                             # AdamW state, criterion, batch and the teacher (live) or the cache (cached)
+                             "built_MiB": (rss1 - rss0) if mode == "live" else (rss2 - rss1),
+                             "times_s": times[mode]})
+            if args.build_examples:
+                probe = [_build_probe(teacher, step_live.batch, args, Path(tmp))
+                         for _ in range(args.build_examples)]
+                secs = statistics.median(s for s, _ in probe)
+                n_pos = int(step_live.batch.get("teacher_attention_mask", step_live.batch["attention_mask"]).sum())
+                rows.append({"row": row, "mode": "build", "teacher_layers": info["teacher_layers"], "B": args.batch,
+                             "T": args.length, "build_s_per_batch": secs, "build_examples_per_s": args.batch / secs,
+                             "build_positions_per_s": n_pos / secs, "build_bytes_per_example": probe[0][1] / args.batch,
+                             "times_s": [s for s, _ in probe]})
+            queue.put(rows)
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        queue.put([{"row": row, "mode": "pair", "error": f"{type(e).__name__}: {e}"}])
+
+
+def run_interleaved(args) -> list[dict]:
+    results = []
+    print("| criterion | teacher | step ms (median) | cached / live | step peak MiB | built MiB |")
+    print("|---|---|---|---|---|---|")
+    builds = []
+    probed = set()
+    for row in args.rows:
+        shape = teacher_shape(row)["hidden"]     # one build probe per teacher shape
+        row_args = argparse.Namespace(**{**vars(args), "build_examples": 0 if shape in probed else args.build_examples})
+        probed.add(shape)
+        rows = harness.run_in_fresh_process(pair_worker, row, row_args)
+        results.extend(rows)
+        by = {r["mode"]: r for r in rows}
+        if "error" in by.get("pair", {}):
+            print(f"| {row} | error: {by['pair']['error']} |", flush=True)
+            continue
+        for mode in ("live", "cached"):
+            r = by[mode]
+            print(f"| {row} | {mode} | {r['median_ms']:.0f} | {r['median_ms'] / by['live']['median_ms']:.2f} | "
+                  f"{r['step_peak_MiB']:.0f} | {r['built_MiB']:.0f} |", flush=True)
+        print(f"# {row}: layers student {by['live']['student_layers']}, teacher {by['live']['teacher_layers']}; "
+              f"cache {by['cached']['shard_bytes'] / by['cached']['examples'] / 2 ** 20:.3f} MiB per example "
+              f"({by['cached']['positions'] / by['cached']['examples']:.0f} positions); step seconds live "
+              f"{[round(t, 1) for t in by['live']['times_s']]}, cached {[round(t, 1) for t in by['cached']['times_s']]}"
+              f"; {harness.machine()}", flush=True)
+        if "build" in by:
+            builds.append(by["build"])
+    if builds:
+        print("\n| teacher (build inner loop) | layers | s per batch (median) | examples/s | positions/s | "
+              "MiB per example |")
+        print("|---|---|---|---|---|---|")
+        for r in builds:
+            name = "GPT2-1.5B shape" if r["row"] == "various_divergence" else "Qwen1.5-1.8B shape"
+            print(f"| {name} ({r['row']} run) | {r['teacher_layers']} | {r['build_s_per_batch']:.1f} | "
+                  f"{r['build_examples_per_s']:.4f} | {r['build_positions_per_s']:.1f} | "
+                  f"{r['build_bytes_per_example'] / 2 ** 20:.2f} |", flush=True)
+    return results
+
+
 def run_fresh(row, mode, args) -> dict:
     if mode == "teacher":
         return harness.run_in_fresh_process(teacher_worker, row, args)
@@ -280,10 +399,19 @@ def main(argv=None) -> int:
     p.add_argument("--teacher-layers", type=int, default=None, help="default: full depth (48 / 24)")
     p.add_argument("--no-teacher-probe", dest="teacher_probe", action="store_false",
                    help="skip the full-depth teacher probe (resident memory, build throughput)")
+    p.add_argument("--interleave", action="store_true",
+                   help="live and cached steps of a criterion in one process, in interleaved rounds")
+    p.add_argument("--build-examples", type=int, default=0,
+                   help="with --interleave: time the builder's inner loop on this many batches")
     p.add_argument("--json")
     args = p.parse_args(argv)
     print(f"# {harness.machine()}; B={args.batch}, L={args.length}, {args.device}, {args.dtype}, cache "
           f"{args.cache_dtype} top-{args.top_k}", flush=True)
+    if args.interleave:
+        results = run_interleaved(args)
+        if args.teacher_probe:
+            print("# --interleave: the separate teacher probe is not run (use --build-examples)")
+        return harness.finish(results, args.json)
     results = []
     print("| criterion | teacher | step ms (median) | x live | resident MiB | step peak MiB | process peak MiB |")
     print("|---|---|---|---|---|---|---|")
