@@ -205,6 +205,29 @@ def test_divergence_monitor_tolerates_early_spikes():
     assert all(off.update(x) is None for x in (1.0, 1e6, 1e9, 1e12))
 
 
+def test_on_policy_steps_have_their_own_divergence_monitor():
+    """On-policy steps train the KD terms only, so their loss is far below a step with the CE: a
+    KD-only step followed by ordinary steps is no divergence, while a real blow-up in either kind
+    still stops the run; mixed steps are not checked; the state resumes both monitors."""
+    from mckd.train.guards import StepDivergence
+
+    g = StepDivergence(10.0, 3, {}, on_policy=True)
+    assert g.update(0.24, "on") is None                           # CE-free on-policy step first
+    assert all(g.update(6.8, "off") is None for _ in range(3))    # no false alarm
+    assert all(g.update(0.2, "on") is None for _ in range(3))
+    assert g.update(1e6, "mixed") is None
+    assert g.update(50.0, "on") is None and g.update(60.0, "on") is None
+    assert "diverged" in g.update(70.0, "on")
+    st = g.state()
+    assert set(st) == {"loss_mean", "far_streak", "loss_mean_on_policy", "far_streak_on_policy"}
+    resumed = StepDivergence(10.0, 3, st, on_policy=True)
+    assert resumed.state() == st
+    assert set(StepDivergence(10.0, 3, {}).state()) == {"loss_mean", "far_streak"}   # off-policy runs
+    off = StepDivergence(10.0, 3, {})
+    assert off.update(2.0) is None and off.update(50.0) is None and off.update(60.0) is None
+    assert "diverged" in off.update(70.0)
+
+
 def test_too_large_learning_rate_stops_the_run(tiny_models, data, tmp_path, capsys):
     out = tmp_path / "div"
     rc = run_distillation(_argv(tiny_models("gpt2"), data, out, "--total-iters", "12", "--lr", "3",

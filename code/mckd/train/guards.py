@@ -5,7 +5,9 @@
   exceeds ``threshold * m`` is *far above*; ``patience`` far-above steps in a row stop the run
   (far-above losses are left out of the mean, so a run that keeps climbing keeps being far
   above). The defaults (10x, 3 steps) leave room for the loss spikes of the first steps and for
-  noisy small batches; ``--divergence-threshold 0`` turns the check off.
+  noisy small batches; ``--divergence-threshold 0`` turns the check off. With on-policy batches
+  the loop keeps one monitor for off-policy steps and one for on-policy steps (whose loss lacks
+  the CE term, so it is far smaller); steps that mix both kinds of micro-batch are not checked.
 * :class:`StopSignals`: the first SIGINT/SIGTERM asks the loop to save a resumable checkpoint
   after the current optimizer step and exit; a second one exits at once.
 """
@@ -44,9 +46,10 @@ class DivergenceMonitor:
         patience: consecutive far-above steps that stop the run.
     """
 
-    def __init__(self, threshold: float, patience: int, mean: float | None = None, streak: int = 0):
+    def __init__(self, threshold: float, patience: int, mean: float | None = None, streak: int = 0,
+                 suffix: str = ""):
         self.threshold, self.patience = threshold, patience
-        self.mean, self.streak = mean, streak
+        self.mean, self.streak, self.suffix = mean, streak, suffix
 
     def update(self, loss: float) -> str | None:
         """Feed one step loss; returns a message when the run must stop."""
@@ -67,7 +70,38 @@ class DivergenceMonitor:
         return None
 
     def state(self) -> dict:
-        return {"loss_mean": self.mean, "far_streak": self.streak}
+        return {f"loss_mean{self.suffix}": self.mean, f"far_streak{self.suffix}": self.streak}
+
+
+class StepDivergence:
+    """The loop's divergence check: one :class:`DivergenceMonitor` for off-policy steps and, when
+    the run has on-policy batches, one for on-policy steps (their loss is the KD terms alone, far
+    below a loss with the CE term). ``kind`` of a step: ``"off"``, ``"on"``, or ``"mixed"`` (some
+    micro-batches of each; not checked).
+
+    Args:
+        threshold, patience: as :class:`DivergenceMonitor`.
+        state: the trainer state (a resumed run continues its means and streaks).
+        on_policy: whether the run has on-policy batches (adds the second monitor's state).
+    """
+
+    def __init__(self, threshold: float, patience: int, state: dict, on_policy: bool = False):
+        self.on_policy = on_policy
+        self.monitors = {
+            "off": DivergenceMonitor(threshold, patience, state.get("loss_mean"), state.get("far_streak", 0)),
+            "on": DivergenceMonitor(threshold, patience, state.get("loss_mean_on_policy"),
+                                    state.get("far_streak_on_policy", 0), suffix="_on_policy"),
+        }
+
+    def update(self, loss: float, kind: str = "off") -> str | None:
+        monitor = self.monitors.get(kind)
+        return None if monitor is None else monitor.update(loss)
+
+    def state(self) -> dict:
+        out = self.monitors["off"].state()
+        if self.on_policy:
+            out.update(self.monitors["on"].state())
+        return out
 
 
 def all_finite(tensors) -> bool:

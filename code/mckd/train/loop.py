@@ -44,7 +44,7 @@ from mckd.data.batch import IGNORE_INDEX
 from mckd.models import loading
 from mckd.train import checkpoint as ckpt_io
 from mckd.train import dev_eval, optim, rundir, teacher_source
-from mckd.train.guards import (DivergenceMonitor, StopSignals, TrainingAborted, TrainingDiverged,
+from mckd.train.guards import (StepDivergence, StopSignals, TrainingAborted, TrainingDiverged,
                                TrainingInterrupted, all_finite, non_finite_metrics)
 from mckd.train.engine import DeepSpeedEngine, DistillModule, TorchEngine, fill_deepspeed_config
 from mckd.train.on_policy import OnPolicyBatches
@@ -186,8 +186,10 @@ class Trainer:
         _setup_file_logging(self.save_dir)
         if self.resume_from is not None:
             logger.info("resumed from %s at step %d", self.resume_from, self.state["global_step"])
-        self.divergence = DivergenceMonitor(t.divergence_threshold, t.divergence_patience,
-                                            self.state.get("loss_mean"), self.state.get("far_streak", 0))
+        # on-policy steps train the KD terms only (no CE): their loss has its own scale and monitor
+        self.divergence = StepDivergence(t.divergence_threshold, t.divergence_patience, self.state,
+                                         on_policy=self.on_policy is not None)
+        self._step_kind = "off"
         self._open_writers()
 
     def _check_resume_args(self) -> None:
@@ -346,6 +348,8 @@ class Trainer:
         dev = self.device
         if self.on_policy is not None:  # some micro-batches get the student's own responses
             micro = self.on_policy.replace(micro, step, self.engine.raw.student, acc, dev)
+            n_on = sum(bool(b.get("on_policy", False)) for b in micro)   # the same on every rank
+            self._step_kind = "off" if n_on == 0 else "on" if n_on == len(micro) else "mixed"
         local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)
         total = dist.all_reduce_sum(torch.tensor(float(local_tokens), device=dev))  # one all-reduce
         scale = self.engine.loss_scale(total)
@@ -468,7 +472,7 @@ class Trainer:
                         bar.update(1)
                 step = st["global_step"]
                 step_loss, stop = self._step_signals(signals)
-                why = None if skipped else self.divergence.update(step_loss)
+                why = None if skipped else self.divergence.update(step_loss, self._step_kind)
                 st.update(self.divergence.state())
                 if not skipped and (why is not None or step % t.log_interval == 0 or step == self.run_steps):
                     last_log_t = self._log(acc, hooks, norm, last_log_t, bar)
