@@ -1,6 +1,6 @@
 """The training recipe: setup, train, save, cleanup (one loop for plain torch, DDP and DeepSpeed).
 
-Per optimizer step (DESIGN 2, STYLE 3-5):
+Per optimizer step:
 
 1. draw ``gas`` micro-batches (with ``--on-policy-ratio``, some are replaced by the student's own
    samples: :mod:`mckd.train.on_policy`); count their label tokens and all-reduce the count once
