@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # DSKD with cross-model attention (dual_space_kd_with_cma) GPT2-base <- SFT'd Qwen1.5-1.8B
-# (different vocabularies). Published values (DSKD scripts/gpt2/dskd_cma_gpt2_base.sh, spec 10.2):
+# (different vocabularies). Published values (DSKD scripts/gpt2/dskd_cma_gpt2_base.sh):
 # batch 4 x accumulation 2 per GPU, lr 5e-4, 20 epochs, kd rate 0.5, temperature 2.0, projector
 # lr 1e-3, gradient checkpointing, bf16. (The MCW repository's copy uses accumulation 1 on 2 GPUs and
 # temperature 3.0; we keep the DSKD values for the baseline.)

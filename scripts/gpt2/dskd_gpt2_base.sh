@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # DSKD (dual_space_kd) GPT2-base <- SFT'd GPT2-1.5B (same vocabulary). Published values (DSKD
-# scripts/gpt2/dskd_gpt2_base.sh, spec 10.2): batch 4 x accumulation 2 per GPU, lr 5e-4, 20 epochs,
+# scripts/gpt2/dskd_gpt2_base.sh): batch 4 x accumulation 2 per GPU, lr 5e-4, 20 epochs,
 # kd rate 0.5, temperature 2.0, projector lr 1e-3, bf16.
 # The teacher defaults to the best checkpoint of `CKPT_NAME=gpt2-xlarge bash scripts/gpt2/sft_gpt2_base.sh`.
 # Every value below can be overridden from the environment; launch options: scripts/lib/common.sh.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # MinED (min_edit_dis_kld) GPT2-base <- SFT'd Qwen1.5-1.8B (different vocabularies). Published
-# values (DSKD scripts/gpt2/minedit_gpt2_base.sh, spec 10.2): batch 4 x accumulation 2 per GPU,
+# values (DSKD scripts/gpt2/minedit_gpt2_base.sh): batch 4 x accumulation 2 per GPU,
 # lr 5e-4, 20 epochs, kd rate 0.5, temperature 2.0, bf16. The teacher->student vocabulary map
 # (TEA2STU_ID_MAP) is built with `python -m mckd.data.vocab_map` when it is missing.
 # The teacher defaults to the best checkpoint of scripts/gpt2/sft_teacher_qwen.sh.

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # MCW-KD (mcw_kd, multi-cost Wasserstein KD) GPT2-base <- SFT'd Qwen1.5-1.8B (different
-# vocabularies). Published values (MCW scripts/gpt2/MCW_KD.sh, spec 10.3): batch 4 x accumulation 1
+# vocabularies). Published values (MCW scripts/gpt2/MCW_KD.sh): batch 4 x accumulation 1
 # per GPU (2 GPUs), lr 5e-4, 20 epochs, kd rate 5.0, temperature 3.0, top-k 400, projector lr 1e-3,
-# bf16, log every 100 steps. The hidden sizes the published script passed by hand (wrongly, M5)
+# bf16, log every 100 steps. The hidden sizes the published script passed by hand (wrongly)
 # are read from the model configs. MCW_PRESET=default|reference (docs/mcw_kd.md); single options
 # through CRITERION_ARGS, e.g. CRITERION_ARGS="--mcw-sinkhorn-iters 100".
 # The teacher defaults to the best checkpoint of scripts/gpt2/sft_teacher_qwen.sh.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Multi-Level OT (multi_level_ot) GPT2-base <- SFT'd Qwen1.5-1.8B (different vocabularies). Only the
-# MCW repository has this baseline; its GPT-2 values (MCW scripts/gpt2/MultiLevelOT.sh, spec 10.3):
+# MCW repository has this baseline; its GPT-2 values (MCW scripts/gpt2/MultiLevelOT.sh):
 # batch 4 x accumulation 1 per GPU (2 GPUs), lr 5e-4, 20 epochs, kd rate 1.0, bf16. The published
 # `--ce_weight 1.0` flag (unknown, it crashed) is dropped: CE enters with weight 1.
 # MLOT_VARIANT=fixed|published selects our fixed formulas or the published ones (docs).

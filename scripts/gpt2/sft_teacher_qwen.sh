@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # SFT (full fine-tuning) of the Qwen1.5-1.8B teacher on Dolly: the cross-vocabulary teacher of the
-# GPT-2 student. Published values (DSKD scripts/gpt2/sft_teacher_qwen.sh, spec 10.2): batch 4 x
+# GPT-2 student. Published values (DSKD scripts/gpt2/sft_teacher_qwen.sh): batch 4 x
 # accumulation 2 per GPU, lr 2e-5, 10 epochs, fp16 with ZeRO-2 + CPU optimizer offload.
 # Every value below can be overridden from the environment; launch options: scripts/lib/common.sh.
 #   bash scripts/gpt2/sft_teacher_qwen.sh                 # all GPUs

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # ULD (universal_logit_distillation) GPT2-base <- SFT'd Qwen1.5-1.8B (different vocabularies).
-# Published values (DSKD scripts/gpt2/uld_gpt2_base.sh, spec 10.2): batch 2 x accumulation 4 per
+# Published values (DSKD scripts/gpt2/uld_gpt2_base.sh): batch 2 x accumulation 4 per
 # GPU, lr 5e-4, 20 epochs, kd rate 0.5, bf16 (the temperature is not used by ULD).
 # The teacher defaults to the best checkpoint of scripts/gpt2/sft_teacher_qwen.sh.
 # Every value below can be overridden from the environment; launch options: scripts/lib/common.sh.

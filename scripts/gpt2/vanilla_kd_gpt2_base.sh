@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Vanilla KD (various_divergence, forward KL by default) GPT2-base <- SFT'd GPT2-1.5B (same
-# vocabulary). Published values (DSKD scripts/gpt2/vanilla_kd_gpt2_base.sh, spec 10.2): batch 4 x
+# vocabulary). Published values (DSKD scripts/gpt2/vanilla_kd_gpt2_base.sh): batch 4 x
 # accumulation 2 per GPU, lr 5e-4, 20 epochs, kd rate 0.5, temperature 2.0, bf16. Unlike the
-# published script, --model-type/--teacher-model-type are passed (spec D12).
+# published script, --model-type/--teacher-model-type are passed (the family itself is read from config.json).
 # The teacher defaults to the best checkpoint of `CKPT_NAME=gpt2-xlarge bash scripts/gpt2/sft_gpt2_base.sh`.
 # Every value below can be overridden from the environment (KD_OBJ=reverse_kl, ...); launch
 # options: scripts/lib/common.sh.

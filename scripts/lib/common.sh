@@ -62,7 +62,7 @@ fi
 if [[ $# -gt 0 ]]; then EXTRA_ARGS="${EXTRA_ARGS:+${EXTRA_ARGS} }$*"; fi
 
 # ---------------------------------------------------------------- defaults shared by all scripts
-# (published fixed options, spec 10.1)
+# (the options every published script fixed)
 : "${DATA_DIR:=${BASE_PATH}/data/dolly}"
 : "${MAX_LENGTH:=512}"
 : "${MAX_PROMPT_LENGTH:=256}"

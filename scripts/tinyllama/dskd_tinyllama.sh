@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # DSKD (dual_space_kd) TinyLLaMA-1.1B <- LLaMA2-7B (same vocabulary). Published values (DSKD
-# scripts/tinyllama/dskd_tinyllama.sh, spec 10.2): batch 4 x accumulation 2 per GPU, lr 1e-3,
+# scripts/tinyllama/dskd_tinyllama.sh): batch 4 x accumulation 2 per GPU, lr 1e-3,
 # 10 epochs, kd rate 0.5, temperature 2.0, projector lr 1e-3, LoRA 256/8/0.1, bf16.
 # The teacher is the base model plus the LoRA adapter of scripts/tinyllama/sft_teacher_llama2.sh (its best checkpoint
 # by default, TEACHER_PEFT_PATH); the student is trained with LoRA and gradient checkpointing.

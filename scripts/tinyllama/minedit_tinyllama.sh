@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # MinED (min_edit_dis_kld) TinyLLaMA-1.1B <- Mistral-7B (different vocabularies). Published values
-# (DSKD scripts/tinyllama/minedit_tinyllama.sh, spec 10.2): batch 4 x accumulation 2 per GPU, lr 1e-3,
+# (DSKD scripts/tinyllama/minedit_tinyllama.sh): batch 4 x accumulation 2 per GPU, lr 1e-3,
 # 10 epochs, kd rate 0.5, temperature 2.0, LoRA 256/8/0.1, bf16. The teacher->student vocabulary map
 # (TEA2STU_ID_MAP) is built with `python -m mckd.data.vocab_map` when it is missing (the published
 # MCW script omitted it and crashed).

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # MCW-KD (mcw_kd, multi-cost Wasserstein KD) TinyLLaMA-1.1B <- Mistral-7B (different vocabularies).
-# Published values (MCW scripts/tinyllama/MCW_KD.sh, spec 10.3 B): batch 4 x accumulation 2 per GPU
+# Published values (MCW scripts/tinyllama/MCW_KD.sh): batch 4 x accumulation 2 per GPU
 # (2 GPUs), lr 1e-3, 15 epochs, kd rate 0.5, temperature 3.0, LoRA 256/8/0.1, projector lr 1e-3,
 # bf16, gradient checkpointing, log every 50 steps; the published script ran the baseline trainer, so
-# its cost weights never adapted (14.2.10); here the one trainer always runs the full method. The
+# its cost weights never adapted; here the one trainer always runs the full method. The
 # top-k (TOP_K_VOCAB) keeps the MCW default 300. MCW_PRESET=default|reference (docs/mcw_kd.md);
 # single options through CRITERION_ARGS, e.g. CRITERION_ARGS="--mcw-sinkhorn-iters 100".
 # The teacher is the base model plus the LoRA adapter of scripts/tinyllama/sft_teacher_mistral.sh (its best checkpoint

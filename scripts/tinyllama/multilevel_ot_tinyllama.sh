@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Multi-Level OT (multi_level_ot) TinyLLaMA-1.1B <- Mistral-7B (different vocabularies). Only the
-# MCW repository has this baseline; its LLM values (MCW scripts/tinyllama/MultiLevelOT.sh, spec 10.3):
+# MCW repository has this baseline; its LLM values (MCW scripts/tinyllama/MultiLevelOT.sh):
 # batch 4 x accumulation 2 per GPU (2 GPUs), lr 1e-3, 15 epochs, kd rate 0.5, LoRA 256/8/0.1, bf16,
 # log every 50 steps. MLOT_VARIANT=fixed|published selects our fixed formulas or the published ones.
 # The teacher is the base model plus the LoRA adapter of scripts/tinyllama/sft_teacher_mistral.sh (its best checkpoint

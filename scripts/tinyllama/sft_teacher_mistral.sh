@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # LoRA SFT of the Mistral-7B teacher on Dolly: the cross-vocabulary teacher of TinyLLaMA (DSKD-CMA, MinED, ULD, Multi-Level OT, MCW-KD).
-# Published values (DSKD scripts/tinyllama/sft_teacher_mistral.sh, spec 10.2): batch 8 x accumulation 1
+# Published values (DSKD scripts/tinyllama/sft_teacher_mistral.sh): batch 8 x accumulation 1
 # per GPU, lr 1e-3, 10 epochs, LoRA rank 256 / alpha 8 / dropout 0.1, bf16. The KD scripts use the
 # base model plus the adapter this run saves (TEACHER_PEFT_PATH).
 # Every value below can be overridden from the environment; launch options: scripts/lib/common.sh.

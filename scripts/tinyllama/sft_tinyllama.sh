@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # LoRA SFT of the TinyLLaMA-1.1B student on Dolly (the SFT baseline). Published values (DSKD
-# scripts/tinyllama/sft_tinyllama.sh, spec 10.2): batch 8 x accumulation 1 per GPU, lr 1e-3,
+# scripts/tinyllama/sft_tinyllama.sh): batch 8 x accumulation 1 per GPU, lr 1e-3,
 # 10 epochs, LoRA rank 256 / alpha 8 / dropout 0.1, bf16.
 # Every value below can be overridden from the environment; launch options: scripts/lib/common.sh.
 source "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # ULD (universal_logit_distillation) TinyLLaMA-1.1B <- Mistral-7B (different vocabularies).
-# Published values (DSKD scripts/tinyllama/uld_tinyllama.sh, spec 10.2): batch 2 x accumulation 4
+# Published values (DSKD scripts/tinyllama/uld_tinyllama.sh): batch 2 x accumulation 4
 # per GPU, lr 1e-3, 10 epochs, kd rate 0.5, LoRA 256/8/0.1, bf16 (the temperature is not used by ULD).
 # The teacher is the base model plus the LoRA adapter of scripts/tinyllama/sft_teacher_mistral.sh (its best checkpoint
 # by default, TEACHER_PEFT_PATH); the student is trained with LoRA and gradient checkpointing.

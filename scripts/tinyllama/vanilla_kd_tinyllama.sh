@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Vanilla KD (various_divergence, forward KL by default) TinyLLaMA-1.1B <- LLaMA2-7B (same
-# vocabulary). Published values (DSKD scripts/tinyllama/vanilla_kd_tinyllama.sh, spec 10.2): batch 4 x
+# vocabulary). Published values (DSKD scripts/tinyllama/vanilla_kd_tinyllama.sh): batch 4 x
 # accumulation 2 per GPU, lr 1e-3, 10 epochs, kd rate 0.5, temperature 2.0, LoRA 256/8/0.1, bf16.
-# Unlike the published script, --model-type/--teacher-model-type are passed (spec D12).
+# Unlike the published script, --model-type/--teacher-model-type are passed (the family itself is read from config.json).
 # The teacher is the base model plus the LoRA adapter of scripts/tinyllama/sft_teacher_llama2.sh (its best checkpoint
 # by default, TEACHER_PEFT_PATH); the student is trained with LoRA and gradient checkpointing.
 # Every value below can be overridden from the environment; launch options: scripts/lib/common.sh.

@@ -5,22 +5,23 @@ computes them inside its cached ``datasets.map`` and :class:`mckd.data.DistillCo
 :func:`mckd.data.build_batch` does both for a batch of raw text.
 Batch keys (``B`` batch, ``T_s``/``T_t`` student/teacher length, ``P`` longest path list):
 
-``"mined_dtw"`` (MinED, spec 6.5 steps 2-3(a)):
+``"mined_dtw"`` (MinED token alignment):
     mined_teacher_index  (B, T_s) long   for each student label position (``labels != -100``) the
                                          teacher input position aligned to it by the token DTW if
                                          exactly one teacher token is aligned to it, else -1;
                                          -1 on every non-label position.
     The DTW runs over the *content* tokens of each side (input tokens at label positions), with
     the word markers "Ġ"/"▁" stripped and Levenshtein distance as the local cost. The marker of a
-    tokenizer is read from its vocabulary (:func:`word_marker`), not from a class table (spec D8).
+    tokenizer is read from its vocabulary (:func:`word_marker`), not from a class table
+    (the published table raised KeyError on tokenizer classes it did not list).
 
-``"dtw"`` (MCW-KD edit cost, spec 7.4 step 3):
+``"dtw"`` (MCW-KD hidden-level edit cost):
     dtw_index  (B, P, 2) long     pairs ``[teacher_pos, student_pos]`` on the warping paths of
                                   DTW(student, teacher) and DTW(teacher, student)
     dtw_value  (B, P) float32     0.5 * Levenshtein(token_s, token_t) of each pair
     dtw_mask   (B, P) bool        True on real pairs, False on padding
     Both passes run over all non-padding input positions with markers kept and special tokens
-    kept (the published ``skip_special_tokens=True`` shifted token and hidden-state indices, M13).
+    kept (the published ``skip_special_tokens=True`` shifted token and hidden-state indices).
     Scatter-adding the pairs into a zero (B, T_t, T_s) tensor (:func:`dense_dtw_cost`) gives the
     published ``C2_dtw = (C_s2t^T + C_t2s) / 2`` exactly.
 
@@ -194,7 +195,7 @@ def dtw_path(cost: np.ndarray) -> list[tuple[int, int]]:
 # --------------------------------------------------------------------------- per-example features
 def mined_teacher_index(stu_tokens: list[str], tea_tokens: list[str], stu_label_start: int,
                         tea_label_start: int, n_stu: int) -> list[int]:
-    """MinED alignment of one example (spec 6.5 steps 2-3(a)).
+    """MinED alignment of one example: token DTW, then the one-to-one pairs.
 
     Args:
         stu_tokens: stripped token strings of the student *content* tokens (N_c).
@@ -220,7 +221,7 @@ def mined_teacher_index(stu_tokens: list[str], tea_tokens: list[str], stu_label_
 
 
 def dtw_pairs(stu_tokens: list[str], tea_tokens: list[str]) -> tuple[list[list[int]], list[float]]:
-    """MCW-KD edit-cost pairs of one example (spec 7.4 step 3), both DTW passes.
+    """MCW-KD edit-cost pairs of one example, both DTW passes.
 
     Returns:
         (pairs, values): ``pairs`` (P, 2) as ``[teacher_pos, student_pos]``, ``values`` (P,) the

@@ -1,6 +1,6 @@
 """Training data: jsonl -> tokenised (student and teacher) -> alignment features, cached on disk.
 
-Tokenisation follows the published ``DistillDataset`` (spec 3.2) with our fixes:
+Tokenisation follows the published ``DistillDataset`` with our fixes:
 
 * prompt: :func:`mckd.data.examples.encode_prompt` (no special tokens; truncated to
   ``max_prompt_length`` while keeping the ``### Response:`` tail instead of right-truncating);
@@ -71,7 +71,7 @@ def _file_sha256(path: Path) -> str:
 
 
 def encode_example(tokenizer, prompt: str, output: str, max_prompt_length: int, max_length: int):
-    """Tokenise one (prompt, output) pair for one tokenizer (spec 3.2 with our fixes).
+    """Tokenise one (prompt, output) pair for one tokenizer (published rules with our fixes).
 
     Returns:
         dict with ``input_ids`` (n-1), ``labels`` (n-1; -100 on the prompt), ``offsets`` (n-1, 2)
@@ -215,7 +215,7 @@ def build_dataset(path, *, student_tokenizer, teacher_tokenizer=None, max_length
     """Read, tokenise (student and optional teacher), align and cache a training/dev jsonl file.
 
     Args:
-        path: jsonl file (spec 3.1 schema).
+        path: jsonl file (the processed schema of :mod:`mckd.data.examples`).
         student_tokenizer / teacher_tokenizer: fast tokenizers (see ``load_tokenizer``).
         max_length: maximum tokens of prompt + response + eos per side (inputs have one fewer).
         max_prompt_length: maximum prompt tokens (tail-keeping truncation).

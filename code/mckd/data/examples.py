@@ -1,4 +1,4 @@
-"""Reading the processed jsonl format and rendering prompts (spec section 3.1).
+"""Reading the processed jsonl format and rendering prompts.
 
 A record has either a pre-rendered ``prompt`` or an ``instruction`` (and optional ``input``) from
 which the prompt is rendered with one of the two published Alpaca-style templates. ``output`` is a
@@ -117,7 +117,7 @@ def encode_prompt(tokenizer, prompt: str, max_prompt_length: int) -> list[int]:
     keeping the ``### Response:`` tail, so the model always sees where to answer.
 
     The published code right-truncated the prompt, which cut the marker off for 52% of DialogSum
-    prompts (spec 3.2/14.2.13). Here the text before the marker is truncated from the right
+    prompts. Here the text before the marker is truncated from the right
     (dropping the end of the instruction/input) and the marker tail is kept whole.
     """
     return encode_prompt_with_offsets(tokenizer, prompt, max_prompt_length)[0]

@@ -8,7 +8,7 @@ Usage::
     # from the Hugging Face hub by name (needs network; the only place the project downloads data)
     python -m mckd.data.prepare dolly --raw databricks/databricks-dolly-15k --out data/dolly
     # optional: drop examples whose rendered prompt is longer than 256 GPT-2 tokens, as the
-    # published sets evidently were (spec 3.5)
+    # published sets evidently were
     python -m mckd.data.prepare dolly --raw ... --out data/dolly \\
         --tokenizer model_hub/gpt2/gpt2-base --max-prompt-tokens 256
 

@@ -1,7 +1,7 @@
 """Generation-side data: prompts for the dev evaluation in training and for ``evaluate.py``.
 
 Prompts are tokenised like the training prompts (no special tokens, tail-keeping truncation to
-``max_prompt_length``, spec 8 protocol: prompts <= 256 tokens) and batched with LEFT padding so
+``max_prompt_length``; the evaluation protocol uses prompts of at most 256 tokens) and batched with LEFT padding so
 that ``model.generate`` with the KV cache continues every row from its last real token.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ def build_prompt_dataset(path, tokenizer, max_prompt_length: int = 256, limit: i
     """Read a jsonl file and tokenise its prompts.
 
     Args:
-        path: jsonl file (spec 3.1 schema).
+        path: jsonl file (the processed schema of :mod:`mckd.data.examples`).
         tokenizer: fast tokenizer of the model that generates.
         max_prompt_length: maximum prompt tokens (the ``### Response:`` tail is always kept).
         limit: keep the first ``limit`` records (-1: all).

@@ -1,7 +1,7 @@
 """MinED vocabulary map: for every teacher token id, the student token id it is sent to.
 
-The published code (spec 4.4, 6.5, A.5) ships these maps as JSON files ``{"teacher_id": student_id}``
-for ids ``0 .. len(teacher tokenizer) - 1`` but no script that builds them (spec 14.4). The shipped
+The published code ships these maps as JSON files ``{"teacher_id": student_id}``
+for ids ``0 .. len(teacher tokenizer) - 1`` but no script that builds them. The shipped
 files agree with this rule, which :func:`build_vocab_map` implements:
 
 1. Token strings come from ``convert_ids_to_tokens`` (byte-level "Ġ"/"Ċ" or SentencePiece "▁"
@@ -10,7 +10,7 @@ files agree with this rule, which :func:`build_vocab_map` implements:
    rewritten into the student's notation first (:func:`to_student_notation`: "▁" <-> "Ġ",
    SentencePiece byte tokens ``<0xNN>`` <-> byte-level characters). The notation is read from the
    vocabulary itself (:func:`vocabulary_style`), never from tokenizer class names (the published
-   class table raised KeyError on unknown classes, spec D8). For two vocabularies of the same
+   class table raised KeyError on unknown classes). For two vocabularies of the same
    notation (Qwen -> GPT-2, Mistral -> TinyLLaMA) strings are compared as they are.
 3. A teacher string present in the student vocabulary maps to that student id (exact match).
 4. Otherwise it maps to the student token with the smallest Levenshtein distance over the whole
@@ -250,7 +250,7 @@ def save_vocab_map(mapping: Sequence[int], path: str | os.PathLike) -> Path:
 def load_vocab_map(path: str | os.PathLike) -> list[int]:
     """Read a ``{"teacher_id": student_id}`` JSON file; keys must be exactly ``0 .. n-1``.
 
-    The published loader assumed this silently (spec 4.4 step 1); here a gap or a non-integer
+    The published loader assumed this silently; here a gap or a non-integer
     value is an error naming the file.
     """
     from mckd.data.examples import DataFormatError

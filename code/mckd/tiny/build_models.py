@@ -1,4 +1,4 @@
-"""Tiny random-init models of the embedded default, in standard HF architectures (DESIGN 6).
+"""Tiny random-init models of the embedded default, in standard HF architectures.
 
 * ``teacher``: Llama-style (RoPE, RMSNorm, SwiGLU, grouped-query attention) with the teacher's
   SentencePiece-style tokenizer: the cross-vocabulary pair (like GPT2 <- Qwen1.5, TinyLLaMA <-

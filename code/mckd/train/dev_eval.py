@@ -1,4 +1,4 @@
-"""Dev evaluation during training (spec 5.5, with D3 and 14.2.14 fixed).
+"""Dev evaluation during training.
 
 * Teacher-forced: token cross-entropy and next-token accuracy of the student over the label tokens
   of the dev set, summed over ranks and divided by the global token count.
@@ -6,7 +6,7 @@
   for the first ``--eval-gen-num`` dev examples, through the batched helper
   ``mckd.evaluation.generate`` (left padding, KV cache, per-batch seeds), averaged over
   ``--eval-gen-repeat-times`` passes. The live model's dtype is never changed (the published code
-  cast the student to fp16 after a failed generation, D3); ``--no-repeat-ngram-size`` applies to
+  cast the student to fp16 after a failed generation); ``--no-repeat-ngram-size`` applies to
   dev as to the final evaluation (the published dev evaluation used 0).
 
 Every rank evaluates a shard; shards are padded to the same number of batches (padding rows carry

@@ -9,7 +9,7 @@ engine through four calls, whatever the backend:
 * ``engine.finish_step()`` -> (grad norm, skipped) once per optimizer step,
 * ``engine.lr()`` and ``state_dict`` / ``load_state_dict`` for checkpoints.
 
-Loss scale (STYLE 4): the loop passes ``loss_sum * engine.loss_scale(T)`` where ``T`` is the
+Loss scale: the loop passes ``loss_sum * engine.loss_scale(T)`` where ``T`` is the
 label-token count of the optimizer step summed over micro-batches and ranks. DDP averages
 gradients over ``W`` ranks and DeepSpeed additionally divides by the accumulation steps, so
 the scale is ``W / T`` (torch) or ``W * gas / T`` (DeepSpeed); both give the gradient of the

@@ -1,6 +1,6 @@
 """The training recipe: setup, train, save, cleanup (one loop for plain torch, DDP and DeepSpeed).
 
-Per optimizer step (DESIGN 2, STYLE 3-5):
+Per optimizer step:
 
 1. draw ``gas`` micro-batches (with ``--on-policy-ratio``, some are replaced by the student's own
    samples: :mod:`mckd.train.on_policy`); count their label tokens and all-reduce the count once
@@ -46,6 +46,7 @@ from mckd.train import checkpoint as ckpt_io
 from mckd.train import dev_eval, optim, rundir, teacher_source
 from mckd.train.guards import (StepDivergence, StopSignals, TrainingAborted, TrainingDiverged,
                                TrainingInterrupted, all_finite, non_finite_metrics)
+from mckd.train.console import Progress
 from mckd.train.engine import DeepSpeedEngine, DistillModule, TorchEngine, fill_deepspeed_config
 from mckd.train.on_policy import OnPolicyBatches
 from mckd.train.sampling import ResumableDistributedSampler
@@ -413,21 +414,17 @@ class Trainer:
         hooks: dict = {}
         last_log_t = time.time()
         last_saved = st["global_step"] if self.resume_from is not None else -1
-        bar = None
-        if dist.is_main():
-            from tqdm import tqdm
-
-            bar = tqdm(total=self.run_steps, initial=st["global_step"], desc="train", dynamic_ncols=True,
-                       disable=None)
+        bar = Progress(self.run_steps, st["global_step"], enabled=dist.is_main())
         logger.info("training: %d steps (%d per epoch, %d epochs), effective batch %d, %s engine, "
                     "precision %s", self.total_steps, self.ipe, cfg.derived["num_epochs"],
                     cfg.derived["effective_batch_size"], self.engine.kind, t.precision)
         self.engine.module.train()
         if self.teacher is not None:
             self.teacher.eval()
-        with StopSignals() as signals:
-            dev = self._train_epochs(signals, acc, hooks, last_log_t, last_saved, bar)
-        if bar is not None:
+        try:
+            with StopSignals() as signals:
+                dev = self._train_epochs(signals, acc, hooks, last_log_t, last_saved, bar)
+        finally:
             bar.close()
         if self._should_stop():
             logger.info("early stop: the dev loss has not improved for %d evaluations (best %.4f)",
@@ -468,10 +465,10 @@ class Trainer:
                     st["nan_streak"] = 0
                     st["global_step"] += 1
                     hooks.update(self.criterion.after_optimizer_step(dist.all_reduce_mean) or {})
-                    if bar is not None:
-                        bar.update(1)
                 step = st["global_step"]
                 step_loss, stop = self._step_signals(signals)
+                if not skipped:
+                    bar.step(step_loss, self.engine.lr()[0])
                 why = None if skipped else self.divergence.update(step_loss, self._step_kind)
                 st.update(self.divergence.state())
                 if not skipped and (why is not None or step % t.log_interval == 0 or step == self.run_steps):
@@ -547,7 +544,9 @@ class Trainer:
             return step % interval == 0
         return epoch_done and self.state["epoch"] % interval == 0
 
-    def _log(self, acc: dict, hooks: dict, norm: float, t0: float, bar) -> float:
+    def _log(self, acc: dict, hooks: dict, norm: float, t0: float, bar: Progress) -> float:
+        """Write the interval's record (every metric) to metrics.jsonl and TensorBoard; the console
+        gets one summary line (:mod:`mckd.train.console`)."""
         vals = self._reduce_log(acc) if acc else {}
         now = time.time()
         st = self.state
@@ -564,10 +563,7 @@ class Trainer:
                 for k, v in rec.items():
                     if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                         self.tb.add_scalar(f"train/{k}", v, rec["step"])
-            msg = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items())
-            logger.info("train | %s", msg)
-            if bar is not None:
-                bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.4f}", lr=f"{lrs[0]:.2e}")
+            logger.info("%s", bar.log(rec))
         return now
 
     # ------------------------------------------------------------------ eval / save

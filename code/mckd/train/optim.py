@@ -1,4 +1,4 @@
-"""Optimizer parameter groups and learning-rate schedules (spec 4.5, 5.2; fixes D6, 14.2.16-17).
+"""Optimizer parameter groups and learning-rate schedules.
 
 Parameter groups:
 * student parameters with weight decay;
