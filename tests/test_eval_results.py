@@ -86,3 +86,17 @@ def test_pair_status_skip_and_conflict(tmp_path):
     assert pair_status(d, {**settings, "max_new_tokens": 128}) == "conflict"
     assert pair_status(pair_dir(tmp_path, "dolly", 20), settings) == "todo"
     assert collect_pairs(tmp_path)["dolly"][10]["rougeL"] == 1.0
+
+
+def test_pair_status_same_data_under_another_path_is_done(tmp_path):
+    a, b, c = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
+    a.write_text('{"x": 1}\n')
+    b.write_text('{"x": 1}\n')
+    c.write_text('{"x": 2}\n')
+    settings = {"do_sample": True, "data_file": str(a)}
+    _write_pairs(tmp_path / "out", {"dolly": {10: 1.0}}, settings=settings)
+    d = pair_dir(tmp_path / "out", "dolly", 10)
+    assert pair_status(d, {**settings, "data_file": str(b)}) == "done"        # same bytes
+    assert pair_status(d, {**settings, "data_file": str(c)}) == "conflict"    # other data
+    assert pair_status(d, {"do_sample": False, "data_file": str(b)}) == "conflict"
+    assert pair_status(d, {**settings, "data_file": str(tmp_path / "gone.jsonl")}) == "conflict"

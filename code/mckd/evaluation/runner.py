@@ -17,6 +17,7 @@ arrived exactly once, and writes.
 """
 from __future__ import annotations
 
+import filecmp
 import json
 import logging
 import math
@@ -220,7 +221,21 @@ def pair_status(pdir: Path, settings: dict) -> str:
         old = json.loads(mfile.read_text()).get("settings")
     except json.JSONDecodeError:
         return "todo"
-    return "done" if old == settings else "conflict"
+    if old == settings:
+        return "done"
+    # the same data under another path (e.g. another checkout of the same data) is the same pair
+    rest = {k for k in set(old or {}) | set(settings) if k != "data_file"}
+    if old and all(old.get(k) == settings.get(k) for k in rest) and \
+            _same_content(old.get("data_file"), settings.get("data_file")):
+        return "done"
+    return "conflict"
+
+
+def _same_content(a: str | None, b: str | None) -> bool:
+    """Whether two data files hold the same bytes (False when either is missing)."""
+    if not a or not b or not Path(a).is_file() or not Path(b).is_file():
+        return False
+    return filecmp.cmp(a, b, shallow=False)
 
 
 def evaluate_pair(model, tokenizer, ps: PromptSet, cfg: EvalConfig, seed: int, ctx: DistContext,
