@@ -57,6 +57,9 @@ EXTRA_TEXT = [
     "Below is an instruction that describes a task. Write a response that appropriately completes "
     "the request. ### Instruction: ### Input: ### Response:",
     "In 1969, 3 astronauts flew 384400 km; 12.5% of 80 is 10 (see page 42).",
+    # characters outside ASCII: a SentencePiece-style vocabulary only knows those it saw
+    "\u00c0 bient\u00f4t, caf\u00e9 na\u00efve \u00e4 \u00a9 \u00b1 \u0394 \u2014 done \U0001F642 \U0001F600 "
+    "\u4f60\u597d\u4e16\u754c\tand tabs",
 ]
 
 

@@ -116,12 +116,15 @@ def test_features_match_oracle_on_random_tokens():
 
 # --------------------------------------------------------------------------- real tokenizers
 @pytest.fixture(scope="module")
-def toks(hub_tokenizer):
-    return hub_tokenizer
+def toks(any_tokenizer):
+    return any_tokenizer
 
 
-@pytest.mark.parametrize("name,marker", [("gpt2", "Ġ"), ("qwen", "Ġ"), ("tinyllama", "▁"),
-                                         ("mistral", "▁"), ("llama2", "▁")])
+PAIRS = [("tiny-gpt2", "tiny-qwen"), ("tiny-tinyllama", "tiny-mistral"), ("gpt2", "qwen"), ("tinyllama", "mistral")]
+
+
+@pytest.mark.parametrize("name,marker", [(p + n, m) for p in ("tiny-", "") for n, m in (
+    ("gpt2", "Ġ"), ("qwen", "Ġ"), ("tinyllama", "▁"), ("mistral", "▁"), ("llama2", "▁"))])
 def test_word_marker_from_vocabulary(toks, name, marker):
     assert al.word_marker(toks(name)) == marker
 
@@ -163,7 +166,7 @@ def check_against_oracle(batch, s, t):
         assert (batch["dtw_value"][b][~batch["dtw_mask"][b]] == 0).all()
 
 
-@pytest.mark.parametrize("student,teacher", [("gpt2", "qwen"), ("tinyllama", "mistral")])
+@pytest.mark.parametrize("student,teacher", PAIRS)
 def test_batch_features_match_oracle(tmp_path, toks, student, teacher):
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in RECORDS), encoding="utf-8")
