@@ -116,14 +116,17 @@ def test_features_match_oracle_on_random_tokens():
 
 # --------------------------------------------------------------------------- real tokenizers
 @pytest.fixture(scope="module")
-def toks(hub_tokenizer):
-    return hub_tokenizer
+def toks(any_tokenizer):
+    return any_tokenizer
 
 
-@pytest.mark.parametrize("name,marker", [("gpt2", "Ġ"), ("qwen", "Ġ"), ("tinyllama", "▁"),
-                                         ("mistral", "▁"), ("llama2", "▁")])
-def test_word_marker_from_vocabulary(toks, name, marker):
-    assert al.word_marker(toks(name)) == marker
+PAIRS = [("tiny-gpt2", "tiny-qwen"), ("tiny-tinyllama", "tiny-mistral"), ("gpt2", "qwen"), ("tinyllama", "mistral")]
+
+
+@pytest.mark.parametrize("kind", ["tiny-", ""], ids=["stand-in", "real"])
+def test_word_marker_from_vocabulary(toks, kind):
+    for name, marker in (("gpt2", "Ġ"), ("qwen", "Ġ"), ("tinyllama", "▁"), ("mistral", "▁"), ("llama2", "▁")):
+        assert al.word_marker(toks(kind + name)) == marker, name
 
 
 RECORDS = [
@@ -163,7 +166,7 @@ def check_against_oracle(batch, s, t):
         assert (batch["dtw_value"][b][~batch["dtw_mask"][b]] == 0).all()
 
 
-@pytest.mark.parametrize("student,teacher", [("gpt2", "qwen"), ("tinyllama", "mistral")])
+@pytest.mark.parametrize("student,teacher", PAIRS)
 def test_batch_features_match_oracle(tmp_path, toks, student, teacher):
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in RECORDS), encoding="utf-8")
@@ -178,13 +181,13 @@ def test_batch_features_match_oracle(tmp_path, toks, student, teacher):
     assert batch["dtw_mask"].sum(1).tolist() == [len(r["dtw_value"]) for r in rows]
 
 
-@pytest.mark.parametrize("student,teacher", [("gpt2", "qwen"), ("tinyllama", "mistral")])
-def test_real_dolly_rows_match_oracle(tmp_path, toks, student, teacher):
+def test_real_dolly_rows_match_oracle(tmp_path, toks):
     dev = shared_path("data", "dolly", "dev.jsonl")
-    s, t = toks(student), toks(teacher)
     short = tmp_path / "dev_short.jsonl"  # the 4 shortest of the first 40 rows: keep the oracle fast
     lines = [line for line in open(dev, encoding="utf-8")][:40]
     lines.sort(key=lambda x: len(json.loads(x)["prompt"]) + len(json.loads(x)["output"]))
     short.write_text("".join(lines[:4]), encoding="utf-8")
-    _, batch = rows_for(short, s, t, tmp_path)
-    check_against_oracle(batch, s, t)
+    for student, teacher in PAIRS[2:]:
+        s, t = toks(student), toks(teacher)
+        _, batch = rows_for(short, s, t, tmp_path / student)
+        check_against_oracle(batch, s, t)

@@ -143,13 +143,13 @@ def test_bad_arguments_are_clear_errors(tiny):
         build_batch(["a"], ["b"], student_tokenizer=s, max_length=1)
 
 
-@pytest.mark.parametrize("student,teacher", [("gpt2", "qwen"), ("tinyllama", "mistral")])
-def test_equals_the_cached_pipeline_on_real_tokenizers(hub_tokenizer, tmp_path, student, teacher):
+def test_equals_the_cached_pipeline_on_real_tokenizers(hub_tokenizer, tmp_path):
     dev = shared_path("data", "dolly", "dev.jsonl")
-    s, t = hub_tokenizer(student), hub_tokenizer(teacher)
-    kw = dict(max_length=256, max_prompt_length=128, limit=12)
-    want, _ = pipeline_batch(dev, s, t, FEATURES[-1], tmp_path, shuffled(4), **kw)
-    kw.pop("limit")
-    got = text_batch(dev, s, t, FEATURES[-1], want["example_index"].tolist(), **kw)
-    assert_same(got, want)
-    assert (got["mined_teacher_index"] >= 0).any() and got["dtw_mask"].sum() > 0
+    for student, teacher in (("gpt2", "qwen"), ("tinyllama", "mistral")):
+        s, t = hub_tokenizer(student), hub_tokenizer(teacher)
+        kw = dict(max_length=256, max_prompt_length=128, limit=12)
+        want, _ = pipeline_batch(dev, s, t, FEATURES[-1], tmp_path / student, shuffled(4), **kw)
+        kw.pop("limit")
+        got = text_batch(dev, s, t, FEATURES[-1], want["example_index"].tolist(), **kw)
+        assert_same(got, want)
+        assert (got["mined_teacher_index"] >= 0).any() and got["dtw_mask"].sum() > 0

@@ -1,9 +1,11 @@
 """Every criterion through the real entry point ``code/distillation.py`` on tiny random-init models
-with real tokenizers.
+(stand-in tokenizers, see ``conftest.py``).
 
 - Vanilla KD (TVD with temperature scaling), GPT-2 <- GPT-2, plain torch.
-- The baseline matrix: DSKD, DSKD-CMA, ULD, MinED and Multi-Level OT on GPT-2 <- Qwen1.5 (full
-  fine-tuning) and TinyLLaMA <- Mistral (LoRA student), each under plain torch and DeepSpeed ZeRO-2.
+- The baseline matrix: DSKD, DSKD-CMA, ULD, MinED and Multi-Level OT on GPT-2 <- Qwen (full
+  fine-tuning) and TinyLLaMA <- Mistral (LoRA student), each under plain torch and DeepSpeed ZeRO-2;
+  MinED reads a map built by ``mckd.data.vocab_map`` for the stand-in vocabularies.
+- MinED with the real GPT-2 and Qwen1.5 vocabularies and the published map (needs ../shared).
   MCW-KD has its own runs in ``test_mcw_e2e.py``; the subprocess/launcher paths are exercised by
   ``test_scripts.py`` and ``test_distributed_training.py``.
 """
@@ -57,20 +59,22 @@ FLAGS = {  # non-default options worth a run through the entry point
 }
 
 
-def _matrix_run(save, tiny_models, data, criterion, pair, deepspeed):
+def _matrix_run(save, tiny_models, data, criterion, pair, deepspeed, mined_map=None, real=False):
     from conftest import shared_path
 
     student, cross, same, map_name, lora = PAIRS[pair]
     teacher = same if criterion == "dual_space_kd" else cross
-    argv = ["--model-path", str(tiny_models(student)), "--teacher-model-path", str(tiny_models(teacher, seed=1)),
+    argv = ["--model-path", str(tiny_models(student, real=real)),
+            "--teacher-model-path", str(tiny_models(teacher, seed=1, real=real)),
             "--criterion", criterion, "--data-dir", str(data), "--save-dir", str(save), "--lr", "1e-3",
             "--batch-size", "2", "--total-iters", "2", "--max-length", "64", "--max-prompt-length", "32",
             "--precision", "fp32", "--log-interval", "1", "--eval-interval", "0", "--kd-rate", "0.5",
             "--num-workers", "0", "--seed", "7", *FLAGS.get(criterion, []),
             "--projector-config-path", str(ROOT / "configs" / "projector_config.json")]
     if criterion == "min_edit_dis_kld":
-        argv += ["--teacher-to-student-id-mapping",
-                 str(shared_path("reference", "vocab_alignment", map_name, "tea2stu_id_mapping.json"))]
+        path = (shared_path("reference", "vocab_alignment", map_name, "tea2stu_id_mapping.json") if real
+                else mined_map(f"tiny-{teacher}", f"tiny-{student}"))
+        argv += ["--teacher-to-student-id-mapping", str(path)]
     if lora:
         argv += ["--peft", "lora", "--peft-lora-r", "4", "--peft-lora-alpha", "8"]
     if deepspeed:
@@ -84,7 +88,8 @@ def _matrix_run(save, tiny_models, data, criterion, pair, deepspeed):
 @pytest.mark.slow
 @pytest.mark.parametrize("pair", list(PAIRS))
 @pytest.mark.parametrize("criterion", BASELINES)
-def test_baseline_trains_under_torch_and_deepspeed_zero2(tmp_path, tiny_models, data, criterion, pair):
+def test_baseline_trains_under_torch_and_deepspeed_zero2(tmp_path, tiny_models, mined_map, data, criterion,
+                                                         pair):
     """Each baseline trains 2 optimizer steps through ``code/distillation.py`` under plain torch and
     under DeepSpeed ZeRO-2 (fp32, one CPU process, gloo); with the same seed the two engines give the
     same loss curve, and the checkpoint carries the LoRA adapter and the criterion's own state."""
@@ -92,7 +97,7 @@ def test_baseline_trains_under_torch_and_deepspeed_zero2(tmp_path, tiny_models, 
     curves = {}
     for engine in ("torch", "zero2"):
         save = tmp_path / engine
-        train, args = _matrix_run(save, tiny_models, data, criterion, pair, engine == "zero2")
+        train, args = _matrix_run(save, tiny_models, data, criterion, pair, engine == "zero2", mined_map)
         assert args["dist"]["deepspeed"] is (engine == "zero2")
         assert [r["step"] for r in train] == [1, 2]
         for r in train:
@@ -109,3 +114,11 @@ def test_baseline_trains_under_torch_and_deepspeed_zero2(tmp_path, tiny_models, 
             assert any(k.startswith("projectors.") for k in torch.load(ckpt / "criterion.pt"))
     for (l_t, kd_t), (l_z, kd_z) in zip(curves["torch"], curves["zero2"]):
         assert l_z == pytest.approx(l_t, rel=1e-4) and kd_z == pytest.approx(kd_t, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_mined_on_real_vocabularies_with_the_published_map(tmp_path, tiny_models, data):
+    """GPT-2 <- Qwen1.5 with their real vocabularies and the published teacher -> student map."""
+    train, _ = _matrix_run(tmp_path / "run", tiny_models, data, "min_edit_dis_kld", "gpt2-qwen", False, real=True)
+    assert [r["step"] for r in train] == [1, 2]
+    assert all(math.isfinite(r["kd_loss"]) and 0.0 < r["aligned_fraction"] <= 1.0 for r in train)

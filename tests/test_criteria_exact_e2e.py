@@ -1,5 +1,5 @@
 """The exact-alignment criteria (DSKDv2, GOLD's hybrid ULD, DWA-KD) through ``code/distillation.py``
-on tiny random-init models with real tokenizers: GPT-2 <- Qwen1.5 (full fine-tuning) and
+on tiny random-init models with stand-in tokenizers (see ``conftest.py``): GPT-2 <- Qwen (full fine-tuning) and
 TinyLLaMA <- Mistral (LoRA student), two optimizer steps under plain torch and DeepSpeed ZeRO-2
 with the same loss curve."""
 from __future__ import annotations

@@ -289,11 +289,8 @@ def test_from_args_reads_an_existing_map(tmp_path):
                       ModelDims(8, 4), CriterionResources())
 
 
-def test_from_args_builds_a_missing_map(tmp_path):
-    from conftest import hub_path
-    from mckd.models.tokenizers import load_tokenizer
-
-    tok = load_tokenizer(str(hub_path("gpt2")), what="gpt2")
+def test_from_args_builds_a_missing_map(tmp_path, tiny_tokenizer):
+    tok = tiny_tokenizer("gpt2")
     out = tmp_path / "built.json"
     crit = MinEditDisKLD.from_args(_args(teacher_to_student_id_mapping=str(out)),
                                    ModelDims(8, len(tok), 8, len(tok)),

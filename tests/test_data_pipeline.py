@@ -13,7 +13,7 @@ from mckd.data import dataset as dataset_mod
 from mckd.data.batch import STUDENT_KEYS, teacher_key
 from mckd.data.examples import RESPONSE_MARKER, DataFormatError, render_prompt
 
-PAIRS = [("gpt2", "qwen"), ("tinyllama", "mistral")]
+PAIRS = [("tiny-gpt2", "tiny-qwen"), ("tiny-tinyllama", "tiny-mistral"), ("gpt2", "qwen"), ("tinyllama", "mistral")]
 
 RECORDS = [
     {"instruction": "Name three primary colours.", "input": "", "output": "Red, blue and yellow."},
@@ -25,8 +25,8 @@ RECORDS = [
 
 
 @pytest.fixture(scope="module")
-def toks(hub_tokenizer):
-    return hub_tokenizer
+def toks(any_tokenizer):
+    return any_tokenizer
 
 
 def write_jsonl(path, records, raw_lines=()):
@@ -96,7 +96,7 @@ def test_labels_masks_offsets(tmp_path, toks, student, teacher):
 
 
 def test_no_teacher_and_dynamic_padding(tmp_path, toks):
-    s = toks("gpt2")
+    s = toks("tiny-gpt2")
     path = write_jsonl(tmp_path / "train.jsonl", RECORDS)
     ds = build_dataset(path, student_tokenizer=s, cache_dir=tmp_path / "c", max_length=512)
     collate = DistillCollator(s.pad_token_id)
@@ -108,7 +108,7 @@ def test_no_teacher_and_dynamic_padding(tmp_path, toks):
 
 
 def test_prompt_tail_kept_and_truncation(tmp_path, toks):
-    s = toks("gpt2")
+    s = toks("tiny-gpt2")
     long_input = " ".join(f"word{i}" for i in range(400))
     rec = {"instruction": "Summarise.", "input": long_input, "output": "Short summary."}
     path = write_jsonl(tmp_path / "long.jsonl", [rec])
@@ -127,7 +127,7 @@ def test_prompt_tail_kept_and_truncation(tmp_path, toks):
 
 
 def test_fully_truncated_responses_are_dropped(tmp_path, toks, caplog):
-    s = toks("gpt2")
+    s = toks("tiny-gpt2")
     recs = [{"instruction": "x " * 300, "input": "", "output": "kept? no"},
             {"instruction": "Short.", "input": "", "output": "Yes."}]
     path = write_jsonl(tmp_path / "t.jsonl", recs)
@@ -140,7 +140,7 @@ def test_fully_truncated_responses_are_dropped(tmp_path, toks, caplog):
 
 
 def test_cache_hit_then_miss_after_change(tmp_path, toks, monkeypatch):
-    s, t = toks("gpt2"), toks("qwen")
+    s, t = toks("tiny-gpt2"), toks("tiny-qwen")
     path = write_jsonl(tmp_path / "train.jsonl", RECORDS)
     cache = tmp_path / "cache"
     ds1 = build_dataset(path, student_tokenizer=s, teacher_tokenizer=t, cache_dir=cache)
@@ -172,7 +172,7 @@ def test_cache_hit_then_miss_after_change(tmp_path, toks, monkeypatch):
     ('{"instruction": "a", "output": 3}', "must be a string"),
 ])
 def test_bad_files_name_file_and_line_and_leave_no_cache(tmp_path, toks, line, match):
-    s = toks("gpt2")
+    s = toks("tiny-gpt2")
     path = write_jsonl(tmp_path / "bad.jsonl", RECORDS[:2], raw_lines=["", line])
     cache = tmp_path / "cache"
     with pytest.raises(DataFormatError, match=match) as e:
@@ -182,7 +182,7 @@ def test_bad_files_name_file_and_line_and_leave_no_cache(tmp_path, toks, line, m
 
 
 def test_bad_arguments(tmp_path, toks):
-    s = toks("gpt2")
+    s = toks("tiny-gpt2")
     path = write_jsonl(tmp_path / "t.jsonl", RECORDS)
     with pytest.raises(ValueError, match="unknown alignment"):
         build_dataset(path, student_tokenizer=s, teacher_tokenizer=s, alignment=("bogus",),
@@ -196,21 +196,21 @@ def test_bad_arguments(tmp_path, toks):
         DistillCollator(s.pad_token_id, s.pad_token_id)([ds[0]])
 
 
-@pytest.mark.parametrize("student,teacher", PAIRS)
-def test_real_dolly_dev(tmp_path, toks, student, teacher):
+def test_real_dolly_dev(tmp_path, toks):
     dev = shared_path("data", "dolly", "dev.jsonl")
-    s, t = toks(student), toks(teacher)
-    ds = build_dataset(dev, student_tokenizer=s, teacher_tokenizer=t, cache_dir=tmp_path, limit=16)
-    assert len(ds) == 16
     recs = [json.loads(line) for line in open(dev, encoding="utf-8")][:16]
-    batch = DistillCollator(s.pad_token_id, t.pad_token_id)([ds[i] for i in range(16)])
-    check_side(batch, "", s, texts(recs))
-    check_side(batch, "teacher_", t, texts(recs))
+    for student, teacher in PAIRS[2:]:
+        s, t = toks(student), toks(teacher)
+        ds = build_dataset(dev, student_tokenizer=s, teacher_tokenizer=t, cache_dir=tmp_path, limit=16)
+        assert len(ds) == 16
+        batch = DistillCollator(s.pad_token_id, t.pad_token_id)([ds[i] for i in range(16)])
+        check_side(batch, "", s, texts(recs))
+        check_side(batch, "teacher_", t, texts(recs))
 
 
 @pytest.mark.slow
 def test_num_proc_workers_give_the_same_rows(tmp_path, toks):
-    s, t = toks("gpt2"), toks("qwen")
+    s, t = toks("tiny-gpt2"), toks("tiny-qwen")
     path = write_jsonl(tmp_path / "train.jsonl", RECORDS * 2)
     kw = dict(student_tokenizer=s, teacher_tokenizer=t, alignment=("mined_dtw", "dtw"))
     one = build_dataset(path, cache_dir=tmp_path / "a", **kw)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, hub_path
+from conftest import ROOT
 from mckd.data.examples import read_examples, render_prompt
 from mckd.data.prepare import main, prepare_dolly
 
@@ -50,13 +50,13 @@ def test_prepare_dolly_splits_and_schema(tmp_path):
         prepare_dolly(str(raw), out, dev_size=6, valid_size=5, seed=3)
 
 
-def test_prompt_length_filter(tmp_path):
+def test_prompt_length_filter(tmp_path, stand_in_hub):
     raw = raw_file(tmp_path / "raw.jsonl", n=20)
     long = {"instruction": "word " * 400, "context": "", "response": "ok", "category": "open_qa"}
     with raw.open("a") as f:
         f.write(json.dumps(long) + "\n")
     info = prepare_dolly(str(raw), tmp_path / "o", dev_size=2, valid_size=2, seed=0,
-                         tokenizer_path=str(hub_path("gpt2")), max_prompt_tokens=256)
+                         tokenizer_path=str(stand_in_hub / "gpt2"), max_prompt_tokens=256)
     assert info["skipped_long_prompt"] == 1 and sum(info["counts"].values()) == 18
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import hub_path, shared_path
+from conftest import shared_path
 from mckd.data import PromptCollator, build_prompt_dataset
 from mckd.data.examples import RESPONSE_MARKER, DataFormatError, render_prompt
 from mckd.models.tokenizers import load_tokenizer
@@ -20,8 +20,8 @@ RECORDS = [
 
 
 @pytest.fixture(scope="module")
-def gpt2_tok():
-    return load_tokenizer(str(hub_path("gpt2")))
+def gpt2_tok(tiny_tokenizer):
+    return tiny_tokenizer("gpt2")
 
 
 def write(path, records, extra=()):
@@ -95,12 +95,21 @@ def test_real_eval_sets(gpt2_tok):
         assert all(len(r["prompt_ids"]) <= 256 for r in rows)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "mistral"])
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-mistral"])
 @pytest.mark.parametrize("limit", [8, 30, 60, 1000])
-def test_prompt_offsets_follow_the_kept_tokens(name, limit):
+def test_prompt_offsets_follow_the_kept_tokens(any_tokenizer, name, limit):
+    check_prompt_offsets(any_tokenizer(name), limit)
+
+
+def test_prompt_offsets_follow_the_kept_tokens_of_real_tokenizers(hub_tokenizer):
+    for name in ("gpt2", "mistral"):
+        for limit in (8, 30, 60, 1000):
+            check_prompt_offsets(hub_tokenizer(name), limit)
+
+
+def check_prompt_offsets(tok, limit):
     from mckd.data.examples import encode_prompt, encode_prompt_with_offsets
 
-    tok = load_tokenizer(str(hub_path(name)))
     prompt = render_prompt("Summarise the text below in one line.", "lorem ipsum dolor " * 20)
     ids, offs = encode_prompt_with_offsets(tok, prompt, limit)
     assert ids == encode_prompt(tok, prompt, limit) and len(offs) == len(ids) <= limit

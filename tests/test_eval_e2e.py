@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, shared_path
+from conftest import ROOT
 from mckd.evaluation.distributed import DistContext
 from mckd.evaluation.loading import CheckpointError, resolve_checkpoint
 from mckd.evaluation.metrics import compute_metrics
@@ -25,6 +25,19 @@ def _env(**kw):
     env["PATH"] = f"{os.path.dirname(sys.executable)}:{env['PATH']}"
     env.update(kw)
     return env
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Evaluation sets in the published layout (``<dataset>/valid.jsonl``), generated records."""
+    from mckd.tiny.tasks import generate_splits
+
+    d = tmp_path_factory.mktemp("eval_data")
+    for seed, name in enumerate(("dolly", "vicuna", "self-inst")):
+        (d / name).mkdir()
+        records = generate_splits({"teacher_train": 1, "dev": 1, "test": 8}, seed=seed)["test"]
+        (d / name / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return d
 
 
 def _predictions(d):
@@ -71,8 +84,7 @@ def test_lora_script_rejects_full_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_eval_script_two_datasets_two_seeds(tiny_models, tmp_path):
-    data = shared_path("data")
+def test_run_eval_script_two_datasets_two_seeds(tiny_models, data, tmp_path):
     ckpt = tmp_path / "run" / "epoch1_step5"
     shutil.copytree(tiny_models("gpt2"), ckpt)
     training_files = {"args.json": '{"lr": 1}\n', "train.log": "step 1\n"}
@@ -129,8 +141,7 @@ def test_run_eval_script_two_datasets_two_seeds(tiny_models, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_greedy_two_processes_equal_one(tiny_models, tmp_path):
-    data = shared_path("data")
+def test_greedy_two_processes_equal_one(tiny_models, data, tmp_path):
     ckpt = tiny_models("gpt2")
     two, one = tmp_path / "two", tmp_path / "one"
     r = subprocess.run(["bash", str(ROOT / "scripts/eval/run_eval.sh"), str(ckpt), "2", "--greedy",
@@ -149,7 +160,7 @@ def test_greedy_two_processes_equal_one(tiny_models, tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_adapter_eval_matches_merged_model(tiny_models, tmp_path, monkeypatch):
+def test_lora_adapter_eval_matches_merged_model(tiny_models, data, tmp_path, monkeypatch):
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -158,7 +169,6 @@ def test_lora_adapter_eval_matches_merged_model(tiny_models, tmp_path, monkeypat
     from mckd.evaluation.generate import generate_batched
     from mckd.models.tokenizers import load_tokenizer
 
-    data = shared_path("data")
     base = tiny_models("llama2")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)

@@ -1,5 +1,5 @@
-"""mcw_kd through the real entry point ``code/distillation.py`` on tiny random-init models with real
-tokenizers: GPT-2 <- Qwen1.5 (full fine-tuning, plain torch, default preset) and TinyLLaMA <- Mistral
+"""mcw_kd through the real entry point ``code/distillation.py`` on tiny random-init models with
+stand-in tokenizers (see ``conftest.py``): GPT-2 <- Qwen (full fine-tuning, plain torch, default preset) and TinyLLaMA <- Mistral
 (LoRA, DeepSpeed, reference preset with the data pipeline's DTW cost); ``--resume`` restores the cost
 weights, the salience head, the projectors and the schedule position."""
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """On-policy batches: the student's samples, re-tokenised and aligned on the fly, make a batch that
 every criterion with a teacher accepts, equal to the cached pipeline's batch of the same text.
 
-Tiny random-init models with the real GPT-2 (student) and Qwen1.5 (teacher) tokenizers of
-../shared (skipped when absent); a same-vocabulary GPT-2 teacher for vanilla KD and DSKD. The
+Tiny random-init GPT-2 (student) and Qwen (teacher) models with the stand-in tokenizers of
+``conftest.py`` (different vocabularies); a same-vocabulary GPT-2 teacher for vanilla KD and DSKD. The
 student samples its eos often (:func:`eos_prone_copy`), so batches mix finished samples and
 samples cut at the token limit.
 """
@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from conftest import ROOT, shared_path, write_word_data
+from conftest import ROOT, write_word_data
 from mckd.data import DistillCollator, build_dataset
 from mckd.data import alignment as al
 from mckd.data.batch import IGNORE_INDEX
@@ -238,7 +238,7 @@ def test_every_teacher_criterion_is_covered():
 
 
 @pytest.mark.parametrize("name", list(CRITERIA))
-def test_sampled_batch_is_valid_for_every_criterion(setup, name):
+def test_sampled_batch_is_valid_for_every_criterion(setup, mined_map, name):
     """Sampled batches carry the keys, masks, labels and alignment tensors of a cached batch, and
     the criterion gives a finite loss with finite gradients on them."""
     from transformers import AutoModelForCausalLM
@@ -250,8 +250,7 @@ def test_sampled_batch_is_valid_for_every_criterion(setup, name):
     paths, toks, data, base = setup
     teacher_name, extra = CRITERIA[name]
     if "--teacher-to-student-id-mapping" in extra:
-        extra = extra + [str(shared_path("reference", "vocab_alignment", "qwen_to_gpt2",
-                                         "tea2stu_id_mapping.json"))]
+        extra = extra + [str(mined_map("tiny-qwen", "tiny-gpt2"))]
     student = AutoModelForCausalLM.from_pretrained(paths["student"])
     teacher = AutoModelForCausalLM.from_pretrained(paths[teacher_name]).eval()
     crit = _criterion(name.split(":")[0], paths, toks, teacher_name, *extra, models=(student, teacher))

@@ -1,5 +1,5 @@
 """On-policy training through the real entry point ``code/distillation.py`` on tiny random-init
-models with real tokenizers: ratio 0 leaves the loss curve bit for bit as it was, a resumed run
+models (stand-in tokenizers, see ``conftest.py``): ratio 0 leaves the loss curve bit for bit as it was, a resumed run
 draws the same coins and samples and reproduces the curve, and DeepSpeed ZeRO-2 (one process),
 torchrun (DDP) and the DeepSpeed launcher (ZeRO-3, generation in lock step) train with on-policy
 batches."""
@@ -116,16 +116,14 @@ def _launch(launcher, argv):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("engine", ["torchrun", "zero3"])
-def test_two_ranks_train_on_policy(tmp_path, tiny_models, data, engine):
+def test_two_ranks_train_on_policy(tmp_path, tiny_models, mined_map, data, engine):
     """2 ranks (gloo) with every micro-batch on-policy, MinED (its alignment index computed on the
     fly); ZeRO-3 partitions the student, so the ranks generate in lock step while their samples
     end at different lengths (an eos-prone student: some samples finish early, some at the
     limit)."""
-    from conftest import shared_path
-
     from test_on_policy import eos_prone_copy
 
-    mapping = shared_path("reference", "vocab_alignment", "qwen_to_gpt2", "tea2stu_id_mapping.json")
+    mapping = mined_map("tiny-qwen", "tiny-gpt2")
     student = eos_prone_copy(tiny_models("gpt2"), tmp_path / "student")
     argv = _argv(student, tiny_models("qwen", seed=1), data, tmp_path / "run",
                  "min_edit_dis_kld", "--teacher-to-student-id-mapping", str(mapping), "--total-iters", "2",

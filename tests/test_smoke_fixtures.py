@@ -1,15 +1,20 @@
+import pytest
 from transformers import AutoModelForCausalLM
 
 from mckd.evaluation.metrics import compute_metrics
 from mckd.models.tokenizers import load_tokenizer
 
 
-def test_tiny_models_load_with_real_tokenizers(tiny_models):
-    for name in ("gpt2", "qwen"):
-        path = tiny_models(name)
+@pytest.mark.parametrize("real", [False, True], ids=["stand-in", "real"])
+def test_tiny_models_load_with_their_tokenizers(tiny_models, real):
+    for name, marker in (("gpt2", "\u0120"), ("qwen", "\u0120"), ("mistral", "\u2581")):
+        path = tiny_models(name, real=real)
         tok = load_tokenizer(str(path))
         model = AutoModelForCausalLM.from_pretrained(path)
-        assert model.config.vocab_size >= len(tok) - 3  # real vocabulary kept
+        assert len(tok) - 3 <= model.config.vocab_size  # the tokenizer's vocabulary, never cut
+        assert any(t.startswith(marker) for t in tok.convert_ids_to_tokens(tok("a b c").input_ids))
+    for name in ("gpt2", "qwen"):
+        tok = load_tokenizer(str(tiny_models(name, real=real)))
         assert tok.pad_token_id == tok.eos_token_id
 
 

@@ -16,8 +16,8 @@ PAIRS = {
 
 
 @pytest.fixture(scope="module")
-def tokenizers(hub_tokenizer):
-    return hub_tokenizer
+def tokenizers(any_tokenizer):
+    return any_tokenizer
 
 
 def reference_map(pair: str) -> list[int]:
@@ -32,10 +32,11 @@ def test_byte_alphabet_is_a_bijection_with_gpt2_conventions():
     assert all(len(c) == 1 and c.isprintable() for c in table.values())
 
 
-def test_vocabulary_style_is_read_from_the_vocabulary(tokenizers):
-    assert vm.vocabulary_style(vm.vocabulary_tokens(tokenizers("gpt2"))) == vm.BYTE_LEVEL
-    assert vm.vocabulary_style(vm.vocabulary_tokens(tokenizers("qwen"))) == vm.BYTE_LEVEL
-    assert vm.vocabulary_style(vm.vocabulary_tokens(tokenizers("mistral"))) == vm.SENTENCEPIECE
+@pytest.mark.parametrize("kind", ["tiny-", ""], ids=["stand-in", "real"])
+def test_vocabulary_style_is_read_from_the_vocabulary(tokenizers, kind):
+    assert vm.vocabulary_style(vm.vocabulary_tokens(tokenizers(kind + "gpt2"))) == vm.BYTE_LEVEL
+    assert vm.vocabulary_style(vm.vocabulary_tokens(tokenizers(kind + "qwen"))) == vm.BYTE_LEVEL
+    assert vm.vocabulary_style(vm.vocabulary_tokens(tokenizers(kind + "mistral"))) == vm.SENTENCEPIECE
     assert vm.vocabulary_style(["a", "b", "ab"]) == vm.PLAIN
     # the class name plays no role: a made-up SentencePiece-like list is recognised
     assert vm.vocabulary_style(["▁the", "▁a", "x", "▁of"]) == vm.SENTENCEPIECE
@@ -122,7 +123,7 @@ def test_load_rejects_gaps_and_non_integers(tmp_path):
 
 
 def test_load_or_build_caches_and_respects_an_explicit_path(tmp_path, tokenizers):
-    gpt2 = tokenizers("gpt2")
+    gpt2 = tokenizers("tiny-gpt2")
     mapping, path = vm.load_or_build_vocab_map(None, gpt2, gpt2, cache_dir=tmp_path / "cache")
     assert mapping == list(range(len(gpt2)))          # same vocabulary: the identity
     assert path.parent == tmp_path / "cache" and path.is_file()
@@ -133,12 +134,13 @@ def test_load_or_build_caches_and_respects_an_explicit_path(tmp_path, tokenizers
     assert path2 == explicit and explicit.is_file() and mapping2 == list(range(len(gpt2)))
 
 
-def test_cli_writes_the_published_format(tmp_path, capsys):
+def test_cli_writes_the_published_format(tmp_path, capsys, stand_in_hub, tokenizers):
     out = tmp_path / "map.json"
-    gpt2 = str(hub_path("gpt2"))
+    gpt2 = str(stand_in_hub / "gpt2")
     assert vm.main(["--teacher", gpt2, "--student", gpt2, "--out", str(out), "--workers", "1"]) == 0
     data = json.loads(out.read_text())
-    assert list(data) == [str(i) for i in range(50257)] and data["50256"] == 50256
+    n, eos = len(tokenizers("tiny-gpt2")), tokenizers("tiny-gpt2").eos_token_id
+    assert list(data) == [str(i) for i in range(n)] and data[str(eos)] == eos
     assert "wrote" in capsys.readouterr().out
 
 
