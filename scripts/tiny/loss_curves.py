@@ -2,7 +2,7 @@
 """Record or check the first optimizer steps of every criterion on the embedded default.
 
 Each method of scripts/tiny/methods.tsv (plus a few option variants) is trained for a handful of
-steps through scripts/tiny/train.sh, from the random-init tiny models of model_hub/tiny (built by
+steps with the command scripts/tiny/train.sh builds (run in one process), from the random-init tiny models of model_hub/tiny (built by
 ``python -m mckd.tiny.build``), and every logged number of every step (loss, CE, KD, gradient
 norm, learning rate, criterion statistics) and the final dev loss are collected. CPU training is
 deterministic, so the same code gives the same numbers to the bit; a refactoring that must not
@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -57,19 +58,30 @@ def methods() -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def run_one(label: str, crit: str, teacher: str, flags: str, out: Path, steps: int) -> dict:
+def command(crit: str, teacher: str, flags: str, out: Path, steps: int) -> list[str]:
+    """The code/distillation.py arguments scripts/tiny/train.sh builds for one short run."""
     env = dict(os.environ, MODEL="student", CRITERION=crit, SAVE_PATH=str(out), EPOCH="1",
-               EVAL_GEN="0", DEV_NUM="8", BATCH_SIZE="8", SEED="10", OMP_NUM_THREADS="1",
+               EVAL_GEN="0", DEV_NUM="8", BATCH_SIZE="8", SEED="10", DRY_RUN="1",
                EXTRA_ARGS=f"--train-num {8 * steps} --max-steps {steps} --log-interval 1 "
                           f"--eval-interval 0 --save-interval 0 {flags}".strip())
     if teacher != "-":
         name = TEACHERS[teacher]
         env.update(TEACHER_MODEL_PATH=str(ROOT / "model_hub/tiny" / name), TEACHER_MODEL_NAME=name)
     proc = subprocess.run(["bash", str(ROOT / "scripts/tiny/train.sh")], env=env,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{label}: training failed (status {proc.returncode}):\n{proc.stderr[-3000:]}")
-    curve = {"train": [], "dev": []}
+                          capture_output=True, text=True, check=True)
+    words = shlex.split(proc.stdout.strip().splitlines()[-1])
+    return words[[i for i, w in enumerate(words) if w.endswith("distillation.py")][0] + 1:]
+
+
+def run_one(label: str, argv: list[str], out: Path) -> dict:
+    """Train in this process (one import of the library for all runs) and read metrics.jsonl."""
+    sys.path.insert(0, str(ROOT / "code"))
+    import distillation  # noqa: E402  (code/distillation.py)
+
+    status = distillation.main(argv)
+    if status != 0:
+        raise RuntimeError(f"{label}: training failed with status {status}")
+    curve: dict[str, list] = {"train": [], "dev": []}
     for line in (out / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         split = rec.pop("split", "train")
@@ -112,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     curves = {}
     with tempfile.TemporaryDirectory(prefix="mckd-curves-") as tmp:
         for label, crit, teacher, flags in rows:
-            curves[label] = run_one(label, crit, teacher, flags, Path(tmp) / label, args.steps)
+            out = Path(tmp) / label
+            curves[label] = run_one(label, command(crit, teacher, flags, out, args.steps), out)
             print(f"{label}: loss {[r.get('loss') for r in curves[label]['train']]}", flush=True)
     if ref is None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
