@@ -8,6 +8,7 @@ import pytest
 
 import test_train_support  # noqa: F401  (registers the stand-in criteria)
 from mckd.config import (ConfigError, build_parser, finalize, parse_config, write_args_json)
+from mckd.criteria.options import KDOptions
 
 
 def _argv(tmp_path, *extra, data=True):
@@ -29,9 +30,8 @@ def test_sections_and_published_names(tmp_path):
     assert cfg.train.batch_size == 4 and cfg.train.gradient_accumulation_steps == 2
     assert cfg.train.lr_decay_style == "linear" and cfg.train.warmup_iters == 3
     assert cfg.peft.peft == "lora" and cfg.peft.peft_lora_r == 8
-    assert cfg.criterion_args["kd_rate"] == 0.7  # shared KD flags live with the criteria
-    ns = cfg.namespace()
-    assert ns.kd_rate == 0.7 and ns.batch_size == 4 and ns.effective_batch_size == 8
+    assert cfg.criterion_options[KDOptions].kd_rate == 0.7  # shared KD flags live with the criteria
+    assert cfg.derived["effective_batch_size"] == 8
     assert cfg.train.precision == "fp32" and cfg.derived["student_load_dtype"] == "fp32"
 
 
@@ -132,4 +132,4 @@ def test_args_json_is_complete(tmp_path):
     assert out["train"]["lr"] == 5e-4 and out["derived"]["total_steps"] == 10
     assert {"world_size", "effective_batch_size", "compute_dtype", "iters_per_epoch",
             "git_commit"} <= set(out["derived"])
-    assert out["criterion_args"]["kd_temperature"] == 1.0
+    assert out["criterion_options"]["kd_temperature"] == 1.0

@@ -157,7 +157,7 @@ def test_compare_smoke_every_method_trains_and_evaluates(tmp_path):
         assert args["train"]["seed"] == int(r["seed"])
         assert args["train"]["early_stop_patience"] == 2
         if r["method"] != "sft":
-            assert args["criterion_args"]["kd_rate"] == pytest.approx(float(r["kd_rate"]))
+            assert args["criterion_options"]["kd_rate"] == pytest.approx(float(r["kd_rate"]))
             teacher = args["model"]["teacher_model_path"]
             assert ("teacher_same_vocab" in teacher) == r["method"].endswith("@same") or \
                 table[r["method"].split("@")[0]].setting == "same"

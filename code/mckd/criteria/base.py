@@ -27,10 +27,13 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from mckd.criteria.options import CriterionOptions
 
 
 @dataclass
@@ -75,7 +78,9 @@ class CriterionResources:
 
     student_tokenizer: object = None
     teacher_tokenizer: object = None
-    projector_config_path: str | None = None
+    # --only-save-projector: a run that trains only the projectors (DSKD-CMA then learns from the
+    # teacher-to-student CE alone, as published)
+    projector_pretraining: bool = False
     # the loaded models, for criteria that initialise parts from their weights (DSKDv2's
     # pseudo-inverse projectors); read at construction only, never kept
     student_model: object = None
@@ -119,15 +124,15 @@ class Criterion(nn.Module):
     published_combination: ClassVar[str] = "additive"
     teacher_modules: ClassVar[tuple[str, ...]] = ()
     teacher_ranks: int | None = None
+    # the option groups (frozen dataclasses, :mod:`mckd.criteria.options`) ``from_options`` reads;
+    # the command line gets their flags
+    option_groups: ClassVar[tuple[type, ...]] = ()
 
     @classmethod
-    def add_args(cls, parser) -> None:
-        """Add this criterion's own command-line options (an argparse group). Shared KD flags
-        (--kd-rate, --kd-temperature, ...) are added once by :mod:`mckd.config`."""
-
-    @classmethod
-    def from_args(cls, args, dims: ModelDims, resources: "CriterionResources") -> "Criterion":
-        """Build from the parsed arguments: pick the flat keyword arguments ``__init__`` takes."""
+    def from_options(cls, options: "CriterionOptions", dims: ModelDims,
+                     resources: "CriterionResources") -> "Criterion":
+        """Build from the run's typed options (the groups listed in ``option_groups``), the model
+        sizes and the non-tensor resources."""
         return cls()
 
     def set_progress(self, step: int, total_steps: int) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from mckd.criteria.base import Criterion, CriterionOutput, ModelDims, ModelView, register_criterion
 from mckd.criteria.common import count_tokens, cross_entropy_sum, token_accuracy
+from mckd.criteria.options import CriterionOptions, KDOptions
 
 
 def sft_terms(logits: torch.Tensor, labels: torch.Tensor,
@@ -38,9 +39,11 @@ class CrossEntropy(Criterion):
         super().__init__()
         self.label_smoothing = label_smoothing
 
+    option_groups = (KDOptions,)
+
     @classmethod
-    def from_args(cls, args, dims: ModelDims, resources=None) -> "CrossEntropy":
-        return cls(label_smoothing=getattr(args, "label_smoothing", 0.0))
+    def from_options(cls, options: CriterionOptions, dims: ModelDims, resources=None) -> "CrossEntropy":
+        return cls(label_smoothing=options[KDOptions].label_smoothing)
 
     def forward(self, batch: dict[str, torch.Tensor], student: ModelView,
                 teacher: ModelView | None = None) -> CriterionOutput:

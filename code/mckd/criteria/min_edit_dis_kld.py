@@ -41,6 +41,7 @@ from mckd.criteria.base import (Criterion, CriterionOutput, CriterionResources, 
 from mckd.criteria.common import (combine_losses, count_tokens, label_mask, masked_sum, safe_targets,
                                   teacher_input_ids, upcast)
 from mckd.criteria.cross_entropy import sft_terms
+from mckd.criteria.options import CriterionOptions, KDOptions
 
 logger = logging.getLogger(__name__)
 
@@ -238,11 +239,15 @@ class MinEditDisKLD(Criterion):
         logger.info("min_edit_dis_kld: %d teacher ids -> %d distinct student ids (of %d)",
                     tea2stu.numel(), stu2tea_student.numel(), student_vocab)
 
+    option_groups = (KDOptions,)
+
     @classmethod
-    def from_args(cls, args, dims: ModelDims, resources: CriterionResources | None = None) -> "MinEditDisKLD":
+    def from_options(cls, options: CriterionOptions, dims: ModelDims,
+                     resources: CriterionResources | None = None) -> "MinEditDisKLD":
         from mckd.data.vocab_map import load_or_build_vocab_map
 
-        path = getattr(args, "teacher_to_student_id_mapping", None)
+        kd = options[KDOptions]
+        path = kd.teacher_to_student_id_mapping
         tok_t = getattr(resources, "teacher_tokenizer", None)
         tok_s = getattr(resources, "student_tokenizer", None)
         if not (path and os.path.isfile(path)) and (tok_t is None or tok_s is None):
@@ -251,11 +256,9 @@ class MinEditDisKLD(Criterion):
         mapping, source = load_or_build_vocab_map(path, tok_t, tok_s)
         logger.info("min_edit_dis_kld: vocabulary map %s", source)
         return cls(mapping, student_vocab=dims.student_vocab, teacher_vocab=dims.teacher_vocab,
-                   kd_rate=args.kd_rate, kd_temperature=args.kd_temperature,
-                   tau_squared=getattr(args, "kd_temperature_scaling", False),
-                   label_smoothing=getattr(args, "label_smoothing", 0.0),
-                   loss_combination=getattr(args, "loss_combination", "published"),
-                   source=str(source))
+                   kd_rate=kd.kd_rate, kd_temperature=kd.kd_temperature,
+                   tau_squared=kd.kd_temperature_scaling, label_smoothing=kd.label_smoothing,
+                   loss_combination=kd.loss_combination, source=str(source))
 
     def forward(self, batch: dict[str, torch.Tensor], student: ModelView,
                 teacher: ModelView | None) -> CriterionOutput:

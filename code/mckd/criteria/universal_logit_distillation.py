@@ -26,6 +26,7 @@ import torch
 from mckd.criteria.base import Criterion, CriterionOutput, ModelDims, ModelView, register_criterion
 from mckd.criteria.common import combine_losses, count_tokens, label_mask, teacher_labels, upcast
 from mckd.criteria.cross_entropy import sft_terms
+from mckd.criteria.options import CriterionOptions, KDOptions
 
 SORT_CHUNK_ROWS = 256
 
@@ -152,10 +153,14 @@ class UniversalLogitDistillation(Criterion):
         self.kd_rate, self.label_smoothing = kd_rate, label_smoothing
         self.loss_combination = loss_combination
 
+    option_groups = (KDOptions,)
+
     @classmethod
-    def from_args(cls, args, dims: ModelDims, resources=None) -> "UniversalLogitDistillation":
-        return cls(kd_rate=args.kd_rate, label_smoothing=getattr(args, "label_smoothing", 0.0),
-                   loss_combination=getattr(args, "loss_combination", "published"))
+    def from_options(cls, options: CriterionOptions, dims: ModelDims,
+                     resources=None) -> "UniversalLogitDistillation":
+        kd = options[KDOptions]
+        return cls(kd_rate=kd.kd_rate, label_smoothing=kd.label_smoothing,
+                   loss_combination=kd.loss_combination)
 
     def forward(self, batch: dict[str, torch.Tensor], student: ModelView,
                 teacher: ModelView | None) -> CriterionOutput:
