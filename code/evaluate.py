@@ -137,12 +137,12 @@ def _main(argv: list[str]) -> int:
                         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score's "Using default tokenizer."
     if args.command == "run":
-        from mckd.evaluation.distributed import init_distributed
+        from mckd.dist import init_evaluation
         from mckd.evaluation.results import results_markdown
         from mckd.evaluation.runner import run_evaluation
 
         cfg = config_from_args(args)
-        ctx = init_distributed(args.device)
+        ctx = init_evaluation(args.device)
         try:
             res = run_evaluation(cfg, ctx)
         finally:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from mckd.data.prompts import build_prompt_dataset
-from mckd.evaluation.distributed import DistContext
+from mckd.dist import DistContext
 from mckd.evaluation.generate import batch_seed, generate_one_batch, generation_kwargs, plan_batches
 from mckd.evaluation.loading import CheckpointError
 from mckd.evaluation.metrics import exact_match, rouge_l

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mckd.criteria.base import ModelDims, ModelView
+from mckd.models.view import ModelDims, ModelView
 from mckd.models.tokenizers import TokenizerLoadError, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -186,13 +186,6 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
-    return model
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """Strip DDP / DeepSpeed (``.module``) wrappers (PEFT models are kept)."""
-    while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module):
-        model = model.module
     return model
 
 
