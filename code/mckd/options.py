@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 def opt(default: Any = None, help: str = "", *, flag: str | None = None, type: Any = None,  # noqa: A002
         choices: tuple | None = None, action: Any = None, aliases: tuple[str, ...] = (),
-        nargs: Any = None, metavar: str | None = None):
+        nargs: Any = None, metavar: str | None = None, required: bool = False):
     """A dataclass field that is also a command-line option.
 
     Args:
@@ -30,10 +30,10 @@ def opt(default: Any = None, help: str = "", *, flag: str | None = None, type: A
         choices: allowed values.
         action: "store_true" or another argparse action (e.g. ``argparse.BooleanOptionalAction``).
         aliases: extra option strings.
-        nargs, metavar: as in argparse.
+        nargs, metavar, required: as in argparse.
     """
     meta = dict(help=help, flag=flag, type=type, choices=choices, action=action, aliases=aliases,
-                nargs=nargs, metavar=metavar)
+                nargs=nargs, metavar=metavar, required=required)
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type_of(default)(default), metadata={"cli": meta})
     return field(default=default, metadata={"cli": meta})
@@ -75,8 +75,12 @@ def add_options(parser: argparse.ArgumentParser, cls, *, title: str | None = Non
     for f in cli_fields(cls):
         c = f.metadata["cli"]
         kwargs: dict[str, Any] = dict(dest=dest(f.name), help=c["help"], default=default_of(f))
-        if c["action"]:
+        if c.get("required"):
+            kwargs["required"] = True
+        if c["action"] and c["type"] is None:
             kwargs["action"] = c["action"]
+        elif c["action"]:  # a custom action with a value
+            kwargs.update(action=c["action"], type=c["type"])
         else:
             d = kwargs["default"]
             kwargs["type"] = c["type"] or (type_of(d) if d is not None and not isinstance(d, (list, tuple))
