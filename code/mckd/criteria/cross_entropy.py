@@ -1,8 +1,8 @@
-"""``cross_entropy``: supervised fine-tuning, no teacher (spec 6.0).
+"""``cross_entropy``: supervised fine-tuning, no teacher.
 
 Loss = sum over label tokens of ``-log p(y)`` (fp32), with optional label smoothing
 (``--label-smoothing``, done as in :func:`torch.nn.functional.cross_entropy`; the published code
-multiplied the NLL by the token count when smoothing was on, spec D4).
+multiplied the NLL by the token count when smoothing was on).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``dual_space_kd``: DSKD between models sharing one tokenizer (spec 6.2).
+"""``dual_space_kd``: DSKD between models sharing one tokenizer.
 
 Positions coincide, so the teacher's hidden states are projected straight into the student space
 and the student's into the teacher space:

@@ -1,4 +1,4 @@
-"""``dual_space_kd_with_cma``: DSKD with cross-model attention, any pair of tokenizers (spec 6.3).
+"""``dual_space_kd_with_cma``: DSKD with cross-model attention, any pair of tokenizers.
 
 Cross-model attention (CMA) aligns the student's response tokens with the teacher's: student
 queries ``[E_s(x); E_s(y)]`` attend over teacher keys ``[E_t(x); E_t(y)]``. With it:
@@ -14,12 +14,12 @@ only student label positions attending to teacher label positions; embeddings an
 :func:`cma_losses` is the pure function (MCW-KD reuses it). Differences from the published code:
 
 * ``normalization``: the published scaling divides by ONE std over the whole batch tensor,
-  padding included (spec 14.2.12), so padding and batch composition change the loss. Choices:
+  padding included, so padding and batch composition change the loss. Choices:
   ``"published"`` (exactly that), ``"masked_std"`` (default: the same global std, over label
   positions only, so padding has no effect) and ``"token_rms"`` (each token divided by its own
   RMS; batch-independent).
 * ``t2s_accuracy_mask`` (default True = published): the t2s KD term only counts positions where
-  the projected teacher already predicts the gold token (spec 14.2.11); False uses all positions.
+  the projected teacher already predicts the gold token; False uses all positions.
 * masked attention logits are set to -1e5 (published: -1e5 added); identical for every row that
   has a valid key, and those without one are masked out of every loss.
 * ``tau_squared`` optionally scales both KD terms by tau^2.
@@ -114,7 +114,7 @@ def cma_losses(*, student_logits: torch.Tensor, student_hidden: torch.Tensor,
                normalization: str = "masked_std", t2s_accuracy_mask: bool = True,
                projector_pretraining: bool = False, t2s_weights: torch.Tensor | None = None,
                s2t_weights: torch.Tensor | None = None) -> CMATerms:
-    """The DSKD-CMA knowledge-distillation terms, batched (spec 6.3 steps 1-6).
+    """The DSKD-CMA knowledge-distillation terms, batched.
 
     Args:
         student_logits: (B, T_s, V_s). student_hidden: (B, T_s, D_s) last layer.

@@ -26,17 +26,17 @@ probability mass summed over every position, first K kept::
 
 The fixed variant differs from the published one in:
 
-* M24: no second softmax. The published code applied ``softmax(. / 2)`` to the top-K
+* no second softmax. The published code applied ``softmax(. / 2)`` to the top-K
   *probabilities* again inside the OT, and in the KL took ``log_softmax`` of the student's and
   ``softmax`` of the teacher's probabilities, which makes both sides nearly uniform; here the OT and
   KL use the top-K probabilities themselves.
-* M26: the published top-K used one vocabulary order for the whole batch (padding included), its
+* the published top-K used one vocabulary order for the whole batch (padding included), its
   L1/KL means and OT ran over all positions including prompt and padding, and the loss was that
   global scalar times the number of valid tokens. Here top-K is per position, L1 and KL are token
   sums over the aligned response pairs, and the OT of each example is a plan of unit mass
   (marginals 1/n_b) on its aligned pairs entering as ``n_b * OT_b``: the token-sum scale of the
   published plan, whose mass is its number of columns L.
-* M25: accuracy is the usual token accuracy (the published one compared unrolled logits with
+* accuracy is the usual token accuracy (the published one compared unrolled logits with
   rolled labels).
 
 With our dynamic padding the padded length is not the published 512, so the published variant

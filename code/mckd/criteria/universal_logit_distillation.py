@@ -1,4 +1,4 @@
-"""``universal_logit_distillation`` (ULD, Boizard et al. 2024), any pair of tokenizers (spec 6.4).
+"""``universal_logit_distillation`` (ULD, Boizard et al. 2024), any pair of tokenizers.
 
 The i-th response token of the student is paired with the i-th response token of the teacher
 (response-start alignment), and their probability vectors are compared after sorting:
@@ -10,7 +10,7 @@ The i-th response token of the student is paired with the i-th response token of
 No temperature (as published). Differences from the published code:
 
 * alignment is a gather with index tensors (:func:`response_start_alignment`); the published code
-  rolled ``outputs.logits`` and the labels *in place*, in a Python loop over the batch (D9);
+  rolled ``outputs.logits`` and the labels *in place*, in a Python loop over the batch;
 * only the aligned response rows are sorted (never prompt or padding rows), the teacher's under
   ``no_grad`` and in row chunks to bound the int64 index memory. There is no exact shortcut: the
   rank-matched L1 needs every rank of both distributions (``sum_r |a_r - b_r| =

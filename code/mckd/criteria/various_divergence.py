@@ -1,4 +1,4 @@
-"""``various_divergence``: vanilla logit KD between models sharing one tokenizer (spec 6.1).
+"""``various_divergence``: vanilla logit KD between models sharing one tokenizer.
 
     loss = combine(CE_sum, sum_{labels != -100} D(p_s, p_t))
 

@@ -1,6 +1,6 @@
 """Batched generation: length-sorted batches, left padding, KV cache, per-batch seeds.
 
-The published evaluation (spec 8.2) left-padded every prompt to 256 tokens and generated 256 new
+The published evaluation left-padded every prompt to 256 tokens and generated 256 new
 tokens with ``do_sample``, ``top_p=1.0``, ``top_k=0``, ``temperature=1.0`` and
 ``no_repeat_ngram_size=6``. Here prompts are grouped into batches of similar length (sorted by
 length, longest first, so an out-of-memory error shows up on the first batch), left-padded only to
@@ -148,7 +148,7 @@ def generate_batched(model, tokenizer, prompt_ids: list[list[int]], *, batch_siz
         prompt_ids: ``N`` prompts as token-id lists (already truncated, no padding).
         batch_size: prompts per ``generate`` call.
         max_new_tokens, do_sample, top_p, top_k, temperature, no_repeat_ngram_size: decoding options
-            (defaults: the published evaluation protocol, spec 8.2).
+            (defaults: the published evaluation protocol).
         seed: base seed; batch ``b`` (in length order) runs under ``batch_seed(seed, b)``. ``None``
             uses the current global RNG.
 

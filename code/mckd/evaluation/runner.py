@@ -27,13 +27,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from mckd.data.prompts import build_prompt_dataset
 from mckd.dist import DistContext
 from mckd.evaluation.generate import batch_seed, generate_one_batch, generation_kwargs, plan_batches
 from mckd.evaluation.loading import CheckpointError
-from mckd.evaluation.metrics import exact_match, rouge_l
+from mckd.evaluation.metrics import exact_match, rouge_l, token_nll
 from mckd.options import opt
 
 logger = logging.getLogger(__name__)
@@ -144,7 +143,7 @@ def load_prompt_set(path: Path, name: str, tokenizer, max_prompt_length: int, li
 
 def teacher_forced_loss(model, prompt_ids: list[list[int]], answer_ids: list[list[int]], *, pad_id: int,
                         device: torch.device, chunk: int = 8) -> list[float]:
-    """Per-example mean cross-entropy of the reference answer given the prompt (spec 8.2 step 1).
+    """Per-example mean cross-entropy of the reference answer given the prompt.
 
     Prompts are left-padded to a common width ``P`` and answers right-padded to ``A``, so every
     answer starts at position ``P`` and only the last ``A + 1`` logits are needed
@@ -169,9 +168,7 @@ def teacher_forced_loss(model, prompt_ids: list[list[int]], answer_ids: list[lis
         ids, mask, pos, labels = ids.to(device), mask.to(device), pos.to(device), labels.to(device)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=A + 1).logits
-        logits = logits[:, :A].float()  # (b, A, V): position P-1+j predicts answer token j
-        tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                              reduction="none").view_as(labels)  # (b, A)
+        tok = token_nll(logits[:, :A], labels)  # (b, A): position P-1+j predicts answer token j
         n = (labels != -100).sum(1)
         per = tok.sum(1) / n.clamp_min(1)
         out.extend(torch.where(n > 0, per, torch.full_like(per, math.nan)).tolist())
@@ -219,7 +216,7 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 
 def summarize(records: list[dict]) -> dict:
-    """Corpus metrics from per-example records: mean x 100 rounded to 4 decimals (spec 8.3)."""
+    """Corpus metrics from per-example records: mean x 100 rounded to 4 decimals."""
     n = len(records)
     if n == 0:
         return {"rougeL": 0.0, "exact_match": 0.0, "avg_gen_len": 0.0, "n": 0}

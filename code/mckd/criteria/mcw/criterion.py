@@ -224,7 +224,7 @@ class MCWKD(Criterion):
                     marginal_error=torch.maximum(ot_l.result.marginal_error, ot_h.result.marginal_error))
 
     def cma_terms(self, batch: dict[str, torch.Tensor], student: ModelView, teacher: ModelView):
-        """The DSKD-CMA terms (token sums) with this criterion's projectors (spec 6.3)."""
+        """The DSKD-CMA terms (token sums) with this criterion's projectors."""
         return cma_losses(
             student_logits=student.logits, student_hidden=require_hidden(student, "student", "mcw_kd"),
             teacher_logits=teacher.logits, teacher_hidden=require_hidden(teacher, "teacher", "mcw_kd"),
