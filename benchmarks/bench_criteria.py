@@ -48,7 +48,7 @@ SHARED_STRINGS = 42257  # Qwen1.5 -> GPT-2 shared-string map size (mckd.data.sha
 def build_criterion(row: str, device: str, dtype: str):
     """The criterion of ``row``, on ``device`` in ``dtype``."""
     from mckd.criteria import get_criterion_class
-    from mckd.criteria.mcw_presets import preset
+    from mckd.criteria.mcw.presets import preset
 
     teacher, name, kw = ROWS[row]
     cls = get_criterion_class(name)

@@ -70,7 +70,7 @@ def python_dtw_cost(stu, tea):
 
 def _criterion(row: str, device: str, dtype: str, top_k: int):
     from mckd.criteria import get_criterion_class
-    from mckd.criteria.mcw_presets import preset
+    from mckd.criteria.mcw.presets import preset
 
     name = row.split(":")[0]
     if name == "cross_entropy":

@@ -100,7 +100,7 @@ def make_train_step(student, teacher, args):
 
     from mckd.criteria import get_criterion_class
     from mckd.criteria.common import count_tokens
-    from mckd.criteria.mcw_presets import preset
+    from mckd.criteria.mcw.presets import preset
     from mckd.models.loading import model_view
 
     crit = get_criterion_class("mcw_kd")(768, 2048, options=preset("reference"), kd_rate=0.5)

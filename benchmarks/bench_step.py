@@ -61,7 +61,7 @@ def make_step(row, student, teacher, batch, args):
 
     from mckd.criteria import get_criterion_class
     from mckd.criteria.common import count_tokens, cross_entropy_sum
-    from mckd.criteria.mcw_presets import preset
+    from mckd.criteria.mcw.presets import preset
     from mckd.models.loading import model_view
 
     name = row.split(":")[0]

@@ -98,7 +98,7 @@ def teacher_shape(row):
 
 def make_criterion(row, args):
     from mckd.criteria import get_criterion_class
-    from mckd.criteria.mcw_presets import preset
+    from mckd.criteria.mcw.presets import preset
 
     D_t = teacher_shape(row)["hidden"]
     if row == "various_divergence":

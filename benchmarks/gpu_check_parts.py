@@ -269,11 +269,10 @@ def criteria(args) -> dict:
                "label_tokens": int((batch["labels"] != -100).sum()), "device": device}
         t0 = time.perf_counter()
         try:
-            ns = parse_config(argv, check_paths=False).namespace()
+            options = parse_config(argv, check_paths=False).criterion_options
             dims = loading.read_dims(str(models / "student"), str(models / tname) if cls.needs_teacher else None)
-            crit = cls.from_args(ns, dims, CriterionResources(student_tokenizer=s_tok, teacher_tokenizer=t_tok,
-                                                               projector_config_path=ns.projector_config_path,
-                                                               student_model=student, teacher_model=teacher))
+            crit = cls.from_options(options, dims, CriterionResources(student_tokenizer=s_tok, teacher_tokenizer=t_tok,
+                                                                      student_model=student, teacher_model=teacher))
             ref_mod = DistillModule(student, crit.to(device)).train()
             ref_mod.student.eval()  # no dropout: the runs below must compute the same function
             ref = _step(ref_mod, teacher, batch, autocast_dtype=None, device=device)

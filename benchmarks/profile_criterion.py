@@ -39,7 +39,7 @@ def build(row: str, B: int, T: int, threads: int, code_dir: str | None):
 
     if row in QWEN_ROWS:
         from mckd.criteria import get_criterion_class
-        from mckd.criteria.mcw_presets import preset
+        from mckd.criteria.mcw.presets import preset
 
         inp = harness.make_inputs(B, T)
         crit = get_criterion_class("mcw_kd")(768, 2048, options=preset(row.split(":")[1]), kd_rate=0.5)

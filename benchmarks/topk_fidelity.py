@@ -85,9 +85,9 @@ def criterion(name: str, dims, resources, mined_map: Path | None, temperature: f
             "--kd-temperature", str(temperature)]
     if name == "min_edit_dis_kld":
         argv += ["--teacher-to-student-id-mapping", str(mined_map)]
-    ns = parse_config(argv, check_paths=False).namespace()
+    options = parse_config(argv, check_paths=False).criterion_options
     torch.manual_seed(0)
-    return get_criterion_class(name).from_args(ns, dims, resources).eval()
+    return get_criterion_class(name).from_options(options, dims, resources).eval()
 
 
 def views(model, batch, prefix: str):

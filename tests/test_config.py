@@ -8,6 +8,7 @@ import pytest
 
 import test_train_support  # noqa: F401  (registers the stand-in criteria)
 from mckd.config import (ConfigError, build_parser, finalize, parse_config, write_args_json)
+from mckd.criteria.options import KDOptions
 
 
 def _argv(tmp_path, *extra, data=True):
@@ -29,9 +30,8 @@ def test_sections_and_published_names(tmp_path):
     assert cfg.train.batch_size == 4 and cfg.train.gradient_accumulation_steps == 2
     assert cfg.train.lr_decay_style == "linear" and cfg.train.warmup_iters == 3
     assert cfg.peft.peft == "lora" and cfg.peft.peft_lora_r == 8
-    assert cfg.criterion_args["kd_rate"] == 0.7  # shared KD flags live with the criteria
-    ns = cfg.namespace()
-    assert ns.kd_rate == 0.7 and ns.batch_size == 4 and ns.effective_batch_size == 8
+    assert cfg.criterion_options[KDOptions].kd_rate == 0.7  # shared KD flags live with the criteria
+    assert cfg.derived["effective_batch_size"] == 8
     assert cfg.train.precision == "fp32" and cfg.derived["student_load_dtype"] == "fp32"
 
 
@@ -144,4 +144,50 @@ def test_args_json_is_complete(tmp_path):
     assert out["train"]["lr"] == 5e-4 and out["derived"]["total_steps"] == 10
     assert {"world_size", "effective_batch_size", "compute_dtype", "iters_per_epoch",
             "git_commit"} <= set(out["derived"])
-    assert out["criterion_args"]["kd_temperature"] == 1.0
+    assert out["criterion_options"]["kd_temperature"] == 1.0
+
+
+def _settings(cfg) -> dict:
+    """Everything a run is configured with (not the derived values or the argv that gave it)."""
+    out = cfg.to_dict()
+    return {k: v for k, v in out.items() if k not in ("derived", "argv")}
+
+
+def test_args_json_relaunches_the_same_configuration(tmp_path):
+    """--config <run>/args.json gives back the configuration that wrote it, for every criterion's
+    option groups (MCW-KD's preset values included); later flags override single values."""
+    cfg = parse_config(_argv(tmp_path, "--num-epochs", "2", "--batch-size", "2", "--kd-rate", "0.3",
+                             "--mcw-preset", "reference", "--mcw-sinkhorn-iters", "7",
+                             "--mcw-weights-logits", "0.5", "0.25", "0.25", "--no-cma-t2s-accuracy-mask",
+                             "--uld-hybrid-matched-weight", "0.2", "--mlot-variant", "published",
+                             "--eval-gen", "--top-k", "5", "--peft", "lora", "--resume"))
+    finalize(cfg, n_train=10)
+    write_args_json(cfg, tmp_path / "args.json")
+    again = parse_config(["--config", str(tmp_path / "args.json")])
+    want = _settings(cfg)
+    want["train"]["resume"] = False  # an invocation setting, never taken from the file
+    assert _settings(again) == want
+    assert again.criterion_options == cfg.criterion_options
+    assert again.criterion_options.values()["mcw_sinkhorn_iters"] == 7
+    changed = parse_config(["--config", str(tmp_path / "args.json"), "--lr", "1e-3",
+                            "--mcw-top-k", "9", "--save-dir", str(tmp_path / "other")])
+    assert changed.train.lr == 1e-3 and changed.train.save_dir == str(tmp_path / "other")
+    assert changed.train.batch_size == 2 and changed.criterion_options[KDOptions].kd_rate == 0.3
+    from mckd.criteria.mcw.presets import MCWOptions
+
+    assert changed.criterion_options[MCWOptions].top_k == 9
+    assert changed.criterion_options[MCWOptions].sinkhorn_iters == 7
+
+
+@pytest.mark.parametrize("content,match", [
+    ("{not json", r"args\.json:1: invalid JSON"),
+    ('{"train": {"no_such_setting": 1}}', r"args\.json: unknown setting train\.no_such_setting"),
+    ('{"criterion_options": {"no_such_option": 1}}', r"unknown criterion option no_such_option"),
+    ('[1, 2]', "is not a run's args.json"),
+])
+def test_bad_config_file_names_the_file(tmp_path, content, match):
+    (tmp_path / "args.json").write_text(content)
+    with pytest.raises(ConfigError, match=match):
+        parse_config(["--config", str(tmp_path / "args.json")], check_paths=False)
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_config(["--config", str(tmp_path / "none.json")], check_paths=False)

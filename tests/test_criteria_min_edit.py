@@ -2,7 +2,6 @@
 written from spec 6.5, plus construction from the CLI options."""
 from __future__ import annotations
 
-import argparse
 import math
 
 import pytest
@@ -268,33 +267,32 @@ def test_bad_map_and_missing_alignment_are_clear_errors():
 
 
 def _args(**kw):
-    base = dict(kd_rate=0.5, kd_temperature=1.0, kd_temperature_scaling=False, label_smoothing=0.0,
-                loss_combination="published", teacher_to_student_id_mapping=None)
-    base.update(kw)
-    return argparse.Namespace(**base)
+    from mckd.criteria.options import CriterionOptions, KDOptions
+
+    return CriterionOptions([KDOptions(**kw)])
 
 
-def test_from_args_reads_an_existing_map(tmp_path):
+def test_from_options_reads_an_existing_map(tmp_path):
     from mckd.data.vocab_map import save_vocab_map
 
     path = save_vocab_map([2, 0, 2], tmp_path / "map.json")
     cls = get_criterion_class("min_edit_dis_kld")
-    crit = cls.from_args(_args(teacher_to_student_id_mapping=str(path)),
-                         ModelDims(student_hidden=8, student_vocab=4, teacher_hidden=8, teacher_vocab=3),
-                         CriterionResources())
+    crit = cls.from_options(_args(teacher_to_student_id_mapping=str(path)),
+                            ModelDims(student_hidden=8, student_vocab=4, teacher_hidden=8, teacher_vocab=3),
+                            CriterionResources())
     assert crit.tea2stu.tolist() == [2, 0, 2] and crit.stu2tea_teacher.tolist() == [1, 0]
     assert cls.alignment == ("mined_dtw",) and cls.needs_teacher
     with pytest.raises(ValueError, match="does not exist"):
-        cls.from_args(_args(teacher_to_student_id_mapping=str(tmp_path / "none.json")),
-                      ModelDims(8, 4), CriterionResources())
+        cls.from_options(_args(teacher_to_student_id_mapping=str(tmp_path / "none.json")),
+                         ModelDims(8, 4), CriterionResources())
 
 
-def test_from_args_builds_a_missing_map(tmp_path, tiny_tokenizer):
+def test_from_options_builds_a_missing_map(tmp_path, tiny_tokenizer):
     tok = tiny_tokenizer("gpt2")
     out = tmp_path / "built.json"
-    crit = MinEditDisKLD.from_args(_args(teacher_to_student_id_mapping=str(out)),
-                                   ModelDims(8, len(tok), 8, len(tok)),
-                                   CriterionResources(student_tokenizer=tok, teacher_tokenizer=tok))
+    crit = MinEditDisKLD.from_options(_args(teacher_to_student_id_mapping=str(out)),
+                                      ModelDims(8, len(tok), 8, len(tok)),
+                                      CriterionResources(student_tokenizer=tok, teacher_tokenizer=tok))
     assert out.is_file() and torch.equal(crit.tea2stu, torch.arange(len(tok)))
 
 # The end-to-end runs (GPT-2 <- Qwen and TinyLLaMA <- Mistral, plain torch and ZeRO-2) are in

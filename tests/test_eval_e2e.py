@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from mckd.evaluation.distributed import DistContext
+from mckd.dist import DistContext
 from mckd.evaluation.loading import CheckpointError, resolve_checkpoint
 from mckd.evaluation.metrics import compute_metrics
 from mckd.evaluation.runner import EvalConfig, pair_dir, resolve_data_file, run_evaluation

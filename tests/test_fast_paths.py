@@ -93,7 +93,7 @@ def test_label_rows_gather_equals_masking_values_and_gradients():
 @pytest.mark.parametrize("pairing_kind", ["position", "aligned"])
 @pytest.mark.parametrize("lengths", [(7, 9), (9, 7)])
 def test_mcw_topk_on_ot_rows_only_keeps_ot_values_and_gradients(pairing_kind, lengths):
-    from mckd.criteria.mcw_ot import logit_costs, multi_cost_ot, topk_distributions
+    from mckd.criteria.mcw.ot import logit_costs, multi_cost_ot, topk_distributions
     T_t, T_s = lengths
     g = torch.Generator().manual_seed(11)
     s_mask = torch.rand(2, T_s, generator=g) > 0.4

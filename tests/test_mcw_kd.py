@@ -9,10 +9,10 @@ from torch import nn
 
 from mckd.criteria import get_criterion_class
 from mckd.criteria.base import ModelDims, ModelView
-from mckd.criteria.mcw_kd import MCWKD
-from mckd.criteria.mcw_ot import cost_statistics, interpolation_weight
-from mckd.criteria.mcw_presets import DEFAULT, REFERENCE, add_mcw_args, options_from_args, preset
-from mckd.criteria.mcw_weights import simplex_qp_weights
+from mckd.criteria.mcw.criterion import MCWKD
+from mckd.criteria.mcw.ot import cost_statistics, interpolation_weight
+from mckd.criteria.mcw.presets import DEFAULT, REFERENCE, MCWOptions, add_mcw_args, options_from_values, preset
+from mckd.criteria.mcw.weights import simplex_qp_weights
 from mckd.ot.costs import context_mean, pairwise_kl, span_iou_cost
 from test_mcw_reference import D_S, D_T, V_S, V_T, make_inputs
 from mcw_reference_oracle import context_loop
@@ -222,32 +222,35 @@ def test_state_dict_restores_weights_salience_and_schedule():
 def _parse(argv):
     p = argparse.ArgumentParser()
     add_mcw_args(p)
-    return p.parse_args(argv)
+    return vars(p.parse_args(argv))
 
 
 def test_presets_and_flag_overrides():
-    assert options_from_args(_parse([])) == DEFAULT
-    assert options_from_args(_parse(["--mcw-preset", "reference"])) == REFERENCE
-    o = options_from_args(_parse(["--mcw-preset", "reference", "--top_k_vocab", "300", "--mcw-sinkhorn-iters", "7",
-                                  "--mcw-interp-detach", "true", "--mcw-weights-logits", "0.5", "0.25", "0.25"]))
+    assert options_from_values(_parse([])) == DEFAULT
+    assert options_from_values(_parse(["--mcw-preset", "reference"])) == REFERENCE
+    o = options_from_values(_parse(["--mcw-preset", "reference", "--top_k_vocab", "300", "--mcw-sinkhorn-iters", "7",
+                                    "--mcw-interp-detach", "true", "--mcw-weights-logits", "0.5", "0.25", "0.25"]))
     assert (o.top_k, o.sinkhorn_iters, o.interp_detach, o.weights_logits) == (300, 7, True, (0.5, 0.25, 0.25))
     assert o.epsilon == REFERENCE.epsilon and o.positions == "attention"
     with pytest.raises(ValueError, match="--mcw-weights-logits"):
-        options_from_args(_parse(["--mcw-weights-logits", "0.5", "0.5", "0.5"]))
+        options_from_values(_parse(["--mcw-weights-logits", "0.5", "0.5", "0.5"]))
     with pytest.raises(ValueError, match="--mcw-positions"):
-        options_from_args(_parse(["--mcw-positions", "everything"]))
+        options_from_values(_parse(["--mcw-positions", "everything"]))
+    # the saved record (args.json) reads back to the same options whatever the preset
+    assert MCWOptions.from_values(o.values()) == o
+    assert MCWOptions.from_values({**o.values(), "mcw_preset": "default"}) == o
 
 
-def test_registry_and_from_args(tmp_path):
+def test_registry_and_from_options(tmp_path):
+    from mckd.criteria.options import CriterionOptions
+
     cls = get_criterion_class("mcw_kd")
     assert cls is MCWKD and cls.needs_teacher and cls.needs_hidden and "dtw" in cls.alignment
     p = argparse.ArgumentParser()
-    from mckd.criteria.options import add_kd_args
-    add_kd_args(p)
-    cls.add_args(p)
-    from mckd.criteria.dual_space_kd_with_cma import DualSpaceKDWithCMA
-    DualSpaceKDWithCMA.add_args(p)
-    args = p.parse_args(["--kd-rate", "5.0", "--mcw-preset", "default", "--mcw-top-k", "16"])
-    crit = cls.from_args(args, ModelDims(D_S, V_S, D_T, V_T), None)
+    for group in cls.option_groups:
+        group.add_args(p)
+    values = vars(p.parse_args(["--kd-rate", "5.0", "--mcw-preset", "default", "--mcw-top-k", "16"]))
+    crit = cls.from_options(CriterionOptions.from_values(values, cls.option_groups),
+                            ModelDims(D_S, V_S, D_T, V_T), None)
     assert crit.kd_rate == 5.0 and crit.options.top_k == 16 and crit.alignment == ()
     assert set(crit.projectors) == {"ot", "query", "t2s", "s2t"}

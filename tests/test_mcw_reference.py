@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from mckd.criteria.base import ModelView
-from mckd.criteria.mcw_kd import MCWKD
-from mckd.criteria.mcw_presets import preset
-from mckd.criteria.mcw_weights import simplex_qp_weights
+from mckd.criteria.mcw.criterion import MCWKD
+from mckd.criteria.mcw.presets import preset
+from mckd.criteria.mcw.weights import simplex_qp_weights
 from mckd.data.batch import IGNORE_INDEX
 from mcw_reference_oracle import published_ot_hidden, published_ot_logits, published_qp, qp_objective
 

@@ -207,10 +207,10 @@ def _criterion(name, paths, toks, teacher, *extra, models=(None, None)):
     argv = ["--model-path", str(paths["student"]), "--teacher-model-path", str(paths[teacher]),
             "--data-dir", "unused", "--save-dir", "unused", "--lr", "1e-3", "--criterion", name,
             "--projector-config-path", pc, *extra]
-    ns = parse_config(argv, check_paths=False).namespace()
+    options = parse_config(argv, check_paths=False).criterion_options
     dims = read_dims(str(paths["student"]), str(paths[teacher]))
-    res = CriterionResources(toks["student"], toks[teacher], pc, *models)
-    return get_criterion_class(name).from_args(ns, dims, res)
+    res = CriterionResources(toks["student"], toks[teacher], False, *models)
+    return get_criterion_class(name).from_options(options, dims, res)
 
 
 CRITERIA = {  # name -> (teacher, extra flags)

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from mckd.criteria.mcw.presets import MCWOptions, preset
+from mckd.criteria.options import KDOptions
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = [p for d in ("gpt2", "tinyllama") for p in sorted((ROOT / "scripts" / d).glob("*.sh"))
            if not p.name.startswith("teacher_cache_")]  # cache builders: tests/test_teacher_cache.py
@@ -90,7 +93,7 @@ def test_dry_run_parses_with_published_values(script):
     assert launch[:3] == ["torchrun", "--nproc_per_node", "4"]
     assert launch[-1] == str(ROOT / "code" / "distillation.py")
     cfg = parse(args)
-    ns = cfg.namespace()
+    ns = cfg.criterion_options[KDOptions]
     assert cfg.model.criterion == crit
     assert cfg.model.model_path == str(ROOT / "model_hub" / student)
     assert (cfg.train.batch_size, cfg.train.gradient_accumulation_steps) == (bs, gas)
@@ -121,7 +124,9 @@ def test_dry_run_parses_with_published_values(script):
     if crit == "min_edit_dis_kld":
         assert ns.teacher_to_student_id_mapping.startswith(str(ROOT / "data" / "vocab_alignment"))
     if crit == "mcw_kd":
-        assert ns.mcw_preset == "default" and ns.mcw_top_k in (300, 400)
+        # the default preset, with the scripts' --top_k_vocab where they pass one
+        mcw = cfg.criterion_options[MCWOptions]
+        assert mcw.top_k in (300, 400) and mcw == preset("default", top_k=mcw.top_k)
 
 
 def _commands(text: str) -> str:
@@ -161,7 +166,7 @@ def test_environment_overrides_and_setting_name():
     launch, args = split_command(out)
     assert launch[:3] == ["torchrun", "--nproc_per_node", "2"]
     cfg = parse(args)
-    ns = cfg.namespace()
+    ns = cfg.criterion_options[KDOptions]
     assert cfg.train.lr == pytest.approx(1e-4) and cfg.train.batch_size == 2
     assert cfg.train.num_epochs == 3 and cfg.train.max_steps == 7
     assert ns.kd_rate == pytest.approx(0.9) and ns.kd_objective == "reverse_kl"
@@ -250,7 +255,7 @@ def test_tiny_stage_dry_run(criterion, tmp_path):
     launch, args = split_command(proc.stdout)
     assert launch[0] == sys.executable  # CPU unless GPUS is set
     cfg = parse(args)
-    ns = cfg.namespace()
+    ns = cfg.criterion_options[KDOptions]
     assert cfg.model.criterion == criterion and cfg.train.precision == "fp32"
     assert cfg.data.data_dir == str(ROOT / "data" / "tiny")
     assert Path(cfg.train.save_dir).parents[2] == ROOT / "outputs" / "tiny"
@@ -273,7 +278,7 @@ def test_tiny_stage_dry_run(criterion, tmp_path):
         missing = tmp_path / "maps" / "t2s.json"
         proc = run_script(ROOT / "scripts/tiny/train.sh", **env, TEA2STU_ID_MAP=missing)
         assert "mckd.data.vocab_map" in proc.stderr and str(missing) in proc.stderr
-        assert parse(split_command(proc.stdout)[1]).namespace().teacher_to_student_id_mapping == str(missing)
+        assert parse(split_command(proc.stdout)[1]).criterion_options[KDOptions].teacher_to_student_id_mapping == str(missing)
 
 
 def test_tiny_scripts_are_valid_bash():

@@ -17,6 +17,7 @@ import torch
 import teacher_cache_support as tcs
 from conftest import ROOT, run_distillation
 
+from mckd.criteria.options import KDOptions
 from mckd.teacher_cache.build import topk_entries
 from mckd.teacher_cache.manifest import TeacherCacheError
 from mckd.teacher_cache.shards import TeacherCacheReader, dense_logits, shard_name, verify_cache
@@ -291,4 +292,4 @@ def test_scripts_build_the_cache_and_train_from_it(tmp_path):
         launch, args = split_command(run_script(ROOT / "scripts" / script, GPUS="0", TEACHER_CACHE="/c").stdout)
         cfg = parse(args)
         assert cfg.model.teacher_cache == "/c" and cfg.model.teacher_model_path is None
-        assert cfg.peft.teacher_peft_path is None and cfg.namespace().kd_rate > 0
+        assert cfg.peft.teacher_peft_path is None and cfg.criterion_options[KDOptions].kd_rate > 0

@@ -183,7 +183,7 @@ def test_compare_smoke_every_method_trains_and_evaluates(tmp_path):
         assert args["train"]["early_stop_patience"] == 2
         assert args["train"]["on_policy_ratio"] == (0.5 if r["method"].endswith("+on_policy") else 0.0)
         if r["method"] != "sft":
-            assert args["criterion_args"]["kd_rate"] == pytest.approx(float(r["kd_rate"]))
+            assert args["criterion_options"]["kd_rate"] == pytest.approx(float(r["kd_rate"]))
             teacher = args["model"]["teacher_model_path"]
             assert ("teacher_same_vocab" in teacher) == r["method"].endswith("@same") or \
                 table[r["method"].split("@")[0].split("+")[0]].setting == "same"

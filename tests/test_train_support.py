@@ -48,10 +48,6 @@ class StandInKD(Criterion):
         self.proj = torch.nn.Linear(2, 2)  # a trainable part, to exercise the projector group
         self.register_buffer("updates", torch.zeros(()))
 
-    @classmethod
-    def from_args(cls, args, dims, resources):
-        return cls()
-
     def forward(self, batch, student, teacher):
         ce, n = _ce_sum(student.logits, batch["labels"])
         mask = batch["labels"] != -100

@@ -1,17 +1,19 @@
 """Run configuration: typed dataclasses per subsystem, filled from the published command line.
 
-Every flag keeps its published dashed name (spec section 9). A flag is declared once, as a field of
-one of the dataclasses below, with ``opt(...)``; :func:`build_parser` turns the fields into argparse
-options, :func:`parse_config` fills the dataclasses, validates them and resolves derived values
+Every flag keeps its published dashed name. A flag is declared once, as a field of one of the
+dataclasses below (or of a criterion's option group, :mod:`mckd.criteria.options`), with
+:func:`mckd.options.opt`; :func:`build_parser` turns the fields into argparse options,
+:func:`parse_config` fills the dataclasses, validates them and resolves derived values
 (:func:`finalize` adds the ones that need the dataset size and the world size), and
 :func:`write_args_json` writes everything to ``<save-dir>/args.json`` before training starts.
+``--config <run>/args.json`` starts from a saved configuration; flags given after it override
+single values.
 
-Criterion options are not declared here: :func:`build_parser` calls
-:func:`mckd.criteria.options.add_kd_args` once and then every registered criterion class's
-``add_args``; their values stay in :attr:`Config.criterion_args` and in the flat namespace
-(:meth:`Config.namespace`) that ``Criterion.from_args`` reads.
+Criterion options: :func:`build_parser` adds the flags of the option groups of every registered
+criterion (:func:`mckd.criteria.options.option_groups`); the parsed groups are
+:attr:`Config.criterion_options`, from which the criterion is built.
 
-Published flags that did nothing (spec section 9, "unused") are accepted with a deprecation warning
+Published flags that did nothing in the published code are accepted with a deprecation warning
 so that published command lines still run; a few that every published script passes and whose
 behaviour is now always on (``--do-train``, ``--do-valid``, ``--json-data``) are accepted silently.
 Unknown flags are errors with a "did you mean" suggestion.
@@ -28,9 +30,12 @@ import os
 import subprocess
 import sys
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mckd.criteria.options import CriterionOptions, KDOptions
+from mckd.options import add_options, cli_fields, finite_float, finite_floats, opt  # noqa: F401  (finite_float re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -42,25 +47,6 @@ DDP_BACKENDS = ("auto", "nccl", "gloo")
 
 class ConfigError(ValueError):
     """A bad command line or configuration; the message names the flag."""
-
-
-def opt(default: Any = None, help: str = "", *, flag: str | None = None, type: Any = None,  # noqa: A002
-        choices: tuple | None = None, action: str | None = None, aliases: tuple[str, ...] = ()):
-    """A dataclass field that is also a command-line option.
-
-    Args:
-        default: default value (also the dataclass default).
-        help: help text.
-        flag: option string; defaults to the field name with dashes.
-        type: argparse type; inferred from the default when None (str when the default is None).
-        choices: allowed values.
-        action: "store_true" for flags.
-        aliases: extra option strings.
-    """
-    meta = dict(help=help, flag=flag, type=type, choices=choices, action=action, aliases=aliases)
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"cli": meta})
-    return field(default=default, metadata={"cli": meta})
 
 
 # --------------------------------------------------------------------------- dataclasses
@@ -157,8 +143,8 @@ class TrainingConfig:
 
 
 @dataclass
-class EvalConfig:
-    """Dev evaluation during training and its generation settings (spec sections 5.5 and 8)."""
+class DevConfig:
+    """Dev evaluation during training and its generation settings."""
 
     eval_batch_size: int = opt(32, "dev evaluation batch size per process")
     eval_gen: bool = opt(False, "sample generations on dev and score ROUGE-L (checkpoints are "
@@ -208,7 +194,7 @@ class DistributedConfig:
 
 
 SECTIONS: dict[str, type] = {
-    "model": ModelConfig, "data": DataConfig, "train": TrainingConfig, "eval": EvalConfig,
+    "model": ModelConfig, "data": DataConfig, "train": TrainingConfig, "eval": DevConfig,
     "peft": PeftConfig, "dist": DistributedConfig,
 }
 
@@ -232,22 +218,19 @@ DEPRECATED: dict[str, tuple[int, str]] = {
         "--force-process-demo", "--bin-data", "--txt-data", "--eval-ppl", "--eval-rw",
         "--only-prompt", "--fp32")},
     # --debug is no longer one of these: it shows tracebacks (see code/distillation.py)
-    "--model-dtype": (1, "weights are loaded once in the dtype of --precision (spec D11)"),
-    "--do-eval": (0, "run code/evaluate.py on the saved checkpoint instead (spec D2)"),
+    "--model-dtype": (1, "weights are loaded once in the dtype of --precision"),
+    "--do-eval": (0, "run code/evaluate.py on the saved checkpoint instead"),
 }
 REMOVED = {
     "--model-parallel": "model parallelism is not supported (it raised NotImplementedError)",
     "--load": "use --resume (continue a run) or --model-path / --peft-path (start from weights); "
-              "the published --load swapped the student after the optimizer was built (M18)",
+              "the published --load swapped the student after the optimizer was built",
 }
 
 
-def _cli(f: dataclasses.Field) -> dict:
-    return f.metadata["cli"]
-
-
-def _flag(f: dataclasses.Field) -> str:
-    return _cli(f)["flag"] or "--" + f.name.replace("_", "-")
+CONFIG_FLAG = "--config"
+# settings of an invocation, not of a run: never taken from a saved args.json
+NOT_RELAUNCHED = {"train": ("resume", "overwrite"), "dist": ("local_rank",)}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -255,29 +238,25 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+def _section_dest(section: str):
+    return lambda name: f"{section}.{name}"
+
+
 def build_parser(with_criteria: bool = True) -> argparse.ArgumentParser:
     """The full command line of ``code/distillation.py``.
 
     Args:
-        with_criteria: also add the shared KD flags and every registered criterion's flags.
+        with_criteria: also add the flags of every registered criterion's option groups.
     """
     parser = _Parser(prog="distillation.py", allow_abbrev=False,
                      description="Train a student by SFT or knowledge distillation (see docs/training.md).")
+    parser.add_argument(CONFIG_FLAG, metavar="ARGS_JSON", dest="load.config", default=None,
+                        help="start from the configuration saved in a run's args.json (flags given "
+                             "after it override single values; --resume and --overwrite are never "
+                             "taken from it)")
     for section, cls in SECTIONS.items():
-        group = parser.add_argument_group(section, cls.__doc__.splitlines()[0])
-        for f in fields(cls):
-            c = _cli(f)
-            kwargs: dict[str, Any] = dict(dest=f"{section}.{f.name}", help=c["help"], default=f.default)
-            if c["action"]:
-                kwargs["action"] = c["action"]
-            else:
-                t = c["type"] or (type(f.default) if f.default is not None else str)
-                kwargs["type"] = t
-                if c["choices"]:
-                    kwargs["choices"] = c["choices"]
-                else:
-                    kwargs["metavar"] = f.name.upper()
-            group.add_argument(_flag(f), *c["aliases"], **kwargs)
+        add_options(parser, cls, title=section, description=cls.__doc__.splitlines()[0],
+                    dest=_section_dest(section))
     compat = parser.add_argument_group("published flags kept for compatibility (see docs/training.md)")
     for flag, nargs in COMPAT_SILENT.items():
         compat.add_argument(flag, action="store_true", dest=f"compat.{flag}", help=argparse.SUPPRESS)
@@ -289,41 +268,26 @@ def build_parser(with_criteria: bool = True) -> argparse.ArgumentParser:
                             help=argparse.SUPPRESS)
     if with_criteria:
         add_criterion_args(parser)
-    _finite_floats(parser)
+    finite_floats(parser)
     return parser
 
 
-def add_criterion_args(parser: argparse.ArgumentParser) -> None:
-    """Shared KD flags plus every registered criterion class's own flags."""
+def criterion_option_groups() -> list[type]:
+    """The option groups of every registered criterion (shared groups once)."""
     import mckd.criteria as criteria
-    from mckd.criteria.options import add_kd_args
+    from mckd.criteria.options import option_groups
 
-    add_kd_args(parser)
-    for name in criteria.known_criteria():
-        cls = criteria.get_criterion_class(name)
+    return option_groups(criteria.get_criterion_class(n) for n in criteria.known_criteria())
+
+
+def add_criterion_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of every registered criterion's option groups."""
+    for group in criterion_option_groups():
         try:
-            cls.add_args(parser)
+            group.add_args(parser)
         except argparse.ArgumentError as e:
-            raise ConfigError(f"criterion {name!r} ({cls.__module__}) declares a flag that clashes "
-                              f"with another one: {e}") from e
-
-
-def finite_float(text: str) -> float:
-    """argparse type: a finite float (``inf`` and ``nan`` are refused)."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return v
-
-
-def _finite_floats(parser: argparse.ArgumentParser) -> None:
-    """Every float option of the parser (ours and the criteria's) refuses inf/nan."""
-    for a in parser._actions:
-        if a.type is float:
-            a.type = finite_float
+            raise ConfigError(f"option group {group.__name__} ({group.__module__}) declares a flag "
+                              f"that clashes with another one: {e}") from e
 
 
 def _all_option_strings(parser: argparse.ArgumentParser) -> list[str]:
@@ -337,32 +301,67 @@ class Config:
     model: ModelConfig
     data: DataConfig
     train: TrainingConfig
-    eval: EvalConfig
+    eval: DevConfig
     peft: PeftConfig
     dist: DistributedConfig
-    criterion_args: dict[str, Any] = field(default_factory=dict)
+    criterion_options: CriterionOptions = field(default_factory=CriterionOptions)
     derived: dict[str, Any] = field(default_factory=dict)
     argv: list[str] = field(default_factory=list)
 
-    def namespace(self) -> argparse.Namespace:
-        """Flat namespace with the published attribute names (what ``Criterion.from_args`` and the
-        data pipeline read). Derived values are included."""
-        ns = argparse.Namespace()
-        for section in SECTIONS:
-            for k, v in dataclasses.asdict(getattr(self, section)).items():
-                setattr(ns, k, v)
-        for k, v in self.criterion_args.items():
-            setattr(ns, k, v)
-        for k, v in self.derived.items():
-            setattr(ns, k, v)
-        return ns
-
     def to_dict(self) -> dict[str, Any]:
+        """The JSON record of ``args.json``: one object per section, ``criterion_options`` with
+        every option group's values under their flag destinations, the derived values, the argv."""
         out = {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}
-        out["criterion_args"] = dict(self.criterion_args)
+        out["criterion_options"] = self.criterion_options.values()
         out["derived"] = dict(self.derived)
         out["argv"] = list(self.argv)
         return out
+
+
+def _config_path(argv: list[str]) -> str | None:
+    """The value of ``--config`` in ``argv`` (the last one), or None."""
+    path = None
+    for i, a in enumerate(argv):
+        if a == CONFIG_FLAG:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{CONFIG_FLAG}: expected the path of a run's args.json")
+            path = argv[i + 1]
+        elif a.startswith(CONFIG_FLAG + "="):
+            path = a.split("=", 1)[1]
+    return path
+
+
+def saved_defaults(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Parser defaults (``{destination: value}``) from a saved ``args.json``.
+
+    Raises:
+        ConfigError: naming the file, when it is missing, not JSON, or holds a setting this
+            command line does not know.
+    """
+    try:
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{CONFIG_FLAG}: {path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{CONFIG_FLAG}: {path}:{err.lineno}: invalid JSON ({err.msg})") from None
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(s, {}), dict) for s in SECTIONS):
+        raise ConfigError(f"{CONFIG_FLAG}: {path} is not a run's args.json (expected an object with "
+                          f"the sections {', '.join(SECTIONS)})")
+    dests = {a.dest for a in parser._actions}
+    out: dict[str, Any] = {}
+    for section in SECTIONS:
+        for k, v in saved.get(section, {}).items():
+            if k in NOT_RELAUNCHED.get(section, ()):
+                continue
+            if f"{section}.{k}" not in dests:
+                raise ConfigError(f"{CONFIG_FLAG}: {path}: unknown setting {section}.{k}")
+            out[f"{section}.{k}"] = v
+    crit = saved.get("criterion_options", saved.get("criterion_args")) or {}
+    for k, v in crit.items():
+        if k not in dests:
+            raise ConfigError(f"{CONFIG_FLAG}: {path}: unknown criterion option {k}")
+        out[k] = v
+    return out
 
 
 def parse_config(argv: list[str] | None = None, *, check_paths: bool = True) -> Config:
@@ -374,6 +373,9 @@ def parse_config(argv: list[str] | None = None, *, check_paths: bool = True) -> 
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    path = _config_path(argv)
+    if path is not None:
+        parser.set_defaults(**saved_defaults(path, parser))
     ns, unknown = parser.parse_known_args(argv)
     if unknown:
         known = _all_option_strings(parser)
@@ -398,11 +400,16 @@ def parse_config(argv: list[str] | None = None, *, check_paths: bool = True) -> 
         elif head == "removed":
             if val is not None:
                 raise ConfigError(f"{name} is no longer supported: {REMOVED[name]}")
-        elif head == "compat":
+        elif head in ("compat", "load"):
             continue
         else:
             crit[key] = val
-    cfg = Config(**{s: SECTIONS[s](**sections[s]) for s in SECTIONS}, criterion_args=crit, argv=argv)
+    try:
+        options = CriterionOptions.from_values(crit, criterion_option_groups())
+    except ValueError as err:  # a group's own checks (MCW-KD's presets) name the flag
+        raise ConfigError(str(err)) from None
+    cfg = Config(**{s: SECTIONS[s](**sections[s]) for s in SECTIONS}, criterion_options=options,
+                 argv=argv)
     validate(cfg, check_paths=check_paths)
     resolve(cfg)
     return cfg
@@ -474,7 +481,7 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     _need(not crit_cls.needs_teacher or m.teacher_model_path is not None or m.teacher_cache is not None,
           "--teacher-model-path", f"criterion {m.criterion!r} distils from a teacher: pass "
           "--teacher-model-path or --teacher-cache")
-    validate_criterion_args(cfg.criterion_args, crit_cls)
+    validate_criterion_args(cfg.criterion_options.values(), crit_cls)
     _need(t.on_policy_ratio == 0 or crit_cls.needs_teacher, "--on-policy-ratio",
           f"criterion {m.criterion!r} uses no teacher to score the student's samples")
     _need(t.on_policy_ratio == 0 or m.teacher_cache is None, "--on-policy-ratio",
@@ -515,7 +522,7 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     if dist.deepspeed_config is not None:
         _need(os.path.isfile(dist.deepspeed_config), "--deepspeed_config",
               f"file {dist.deepspeed_config!r} does not exist")
-    pc = cfg.criterion_args.get("projector_config_path")
+    pc = cfg.criterion_options[KDOptions].projector_config_path
     if pc is not None:
         _need(os.path.isfile(pc), "--projector-config-path", f"file {pc!r} does not exist")
 
@@ -582,8 +589,16 @@ def resume_changes(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
         cannot honour, and for every changed one it applies (:data:`RESUME_MAY_CHANGE`).
     """
     now = cfg.to_dict()
+    # a saved criterion record (older runs: "criterion_args") read as options, so that preset
+    # values compare as the options they resolve to
+    old_crit = saved.get("criterion_options", saved.get("criterion_args")) or {}
+    try:
+        old_crit = CriterionOptions.from_values(old_crit, criterion_option_groups()).values()
+    except (TypeError, ValueError):
+        pass  # compared value by value below
+    saved = {**saved, "criterion_options": old_crit}
     refused, applied = [], []
-    for section in (*SECTIONS, "criterion_args"):
+    for section in (*SECTIONS, "criterion_options"):
         old, new = saved.get(section) or {}, now[section]
         for k, v in new.items():
             if k in ("resume", "overwrite") or k not in old or _comparable(old[k]) == _comparable(v):

@@ -1,4 +1,5 @@
-"""Distributed helpers in one place: init/cleanup, rank checks, reductions, rank-0 logging.
+"""Distributed helpers in one place: init/cleanup, rank checks, reductions, rank-0 logging, and
+the evaluation's process context (:class:`DistContext`, :func:`init_evaluation`).
 
 Works for a single process (no process group: every helper is a no-op), ``torchrun`` (DDP, gloo on
 CPU, nccl on GPU, single or multi node) and the ``deepspeed`` launcher (``deepspeed.init_distributed``).
@@ -10,6 +11,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -60,7 +62,8 @@ def device_for_rank() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(backend: str = "auto", *, deepspeed: bool = False, timeout_min: int = 30) -> None:
+def init_distributed(backend: str = "auto", *, deepspeed: bool = False, timeout_min: int = 30,
+                     device_id: torch.device | None = None) -> None:
     """Join the process group when launched with several processes (or always under DeepSpeed).
 
     Args:
@@ -68,6 +71,7 @@ def init_distributed(backend: str = "auto", *, deepspeed: bool = False, timeout_
         deepspeed: use ``deepspeed.init_distributed`` (it also handles the MPI-style environments of
             the deepspeed launcher on multi-node hostfiles).
         timeout_min: collective timeout.
+        device_id: this rank's GPU, bound to the group (plain torch.distributed only).
     """
     if is_initialized():
         return
@@ -88,7 +92,8 @@ def init_distributed(backend: str = "auto", *, deepspeed: bool = False, timeout_
             _ENV_SET.append("MASTER_PORT")
         ds.init_distributed(dist_backend=backend, timeout=timeout)
     elif env_world_size() > 1:
-        tdist.init_process_group(backend=backend, timeout=timeout)
+        kw = {"device_id": device_id} if device_id is not None else {}
+        tdist.init_process_group(backend=backend, timeout=timeout, **kw)
     if is_initialized():
         logger.info("process group: backend %s, rank %d of %d (local rank %d)", backend, rank(),
                     world_size(), local_rank())
@@ -188,3 +193,62 @@ class RankZeroFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:  # noqa: A003
         return is_main()
+
+
+# --------------------------------------------------------------------------- evaluation
+@dataclass
+class DistContext:
+    """The process context of an evaluation run (one process by default)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            tdist.barrier()
+
+    def gather_to_main(self, obj):
+        """List of every rank's ``obj`` on rank 0 (rank order); ``None`` on other ranks."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size if self.is_main else None
+        tdist.gather_object(obj, out, dst=0)
+        return out
+
+    def broadcast_from_main(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        if self.world_size == 1:
+            return obj
+        return broadcast_object(obj, src=0)
+
+    def close(self) -> None:
+        """Leave the process group if :func:`init_evaluation` joined it."""
+        if self.owns_group:
+            cleanup()
+
+
+def init_evaluation(device: str = "auto") -> DistContext:
+    """Join the torchrun group if there is one (nccl on GPU, gloo on CPU) and pick this rank's
+    device.
+
+    Args:
+        device: ``auto`` (the rank's GPU when CUDA is available, else CPU), ``cpu`` or ``cuda``.
+    """
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but CUDA is not available")
+    dev = torch.device("cuda", local_rank()) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    owns = env_world_size() > 1 and not is_initialized()
+    if owns:
+        init_distributed("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+    return DistContext(rank=int(os.environ.get("RANK", "0")), world_size=env_world_size(),
+                       local_rank=local_rank(), device=dev, owns_group=owns)

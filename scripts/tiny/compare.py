@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT / "code"))
 
 from mckd.evaluation.results import mean_std  # noqa: E402
 from mckd.evaluation.stats import detectable_effect, paired_difference  # noqa: E402
+from mckd.train import checkpoint  # noqa: E402
 from mckd.train.checkpoint import run_state  # noqa: E402
 from mckd.train.rundir import set_aside  # noqa: E402
 
@@ -160,10 +161,9 @@ def run_tasks(tasks: list[Task], jobs: int) -> None:
 
 
 def best_checkpoint(run_dir: Path) -> str | None:
-    """Best checkpoint under ``run_dir`` (lowest dev loss; scripts/lib/find_checkpoint.py), or None."""
-    r = subprocess.run([sys.executable, str(ROOT / "scripts/lib/find_checkpoint.py"), str(run_dir)],
-                       capture_output=True, text=True)
-    return r.stdout.strip() or None
+    """Best checkpoint under ``run_dir`` (lowest dev loss: these runs score no generations), or None."""
+    best = checkpoint.best_checkpoint([run_dir])
+    return str(best) if best is not None else None
 
 
 def assets_record(run_dir: Path) -> Path:

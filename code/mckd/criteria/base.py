@@ -27,46 +27,15 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 from torch import nn
 
+from mckd.models.view import ModelDims, ModelView  # noqa: F401  (part of the criterion contract)
 
-@dataclass
-class ModelView:
-    """What a criterion may see of one model for one micro-batch.
-
-    Attributes:
-        logits: (B, T, V) output logits (any dtype; criteria upcast to fp32 where it matters).
-        hidden: (B, T, D) last-layer hidden states, or None when the criterion did not ask for them.
-        embed_tokens: the model's input embedding module (token ids -> (.., D)).
-        lm_head: the model's output projection module ((.., D) -> (.., V)).
-    """
-
-    logits: torch.Tensor
-    hidden: torch.Tensor | None
-    embed_tokens: nn.Module
-    lm_head: nn.Module
-
-    @property
-    def lm_head_weight(self) -> torch.Tensor:
-        """(V, D) output-head weight."""
-        w = getattr(self.lm_head, "weight", None)
-        if w is None:
-            raise ValueError(f"ModelView: the output head {self.lm_head!r} has no weight (a teacher "
-                             "cache built without lm_head?); declare it in Criterion.teacher_modules")
-        return w
-
-
-@dataclass
-class ModelDims:
-    """Sizes read from the model configs (never passed by hand)."""
-
-    student_hidden: int
-    student_vocab: int
-    teacher_hidden: int | None = None
-    teacher_vocab: int | None = None
+if TYPE_CHECKING:
+    from mckd.criteria.options import CriterionOptions
 
 
 @dataclass
@@ -75,7 +44,9 @@ class CriterionResources:
 
     student_tokenizer: object = None
     teacher_tokenizer: object = None
-    projector_config_path: str | None = None
+    # --only-save-projector: a run that trains only the projectors (DSKD-CMA then learns from the
+    # teacher-to-student CE alone, as published)
+    projector_pretraining: bool = False
     # the loaded models, for criteria that initialise parts from their weights (DSKDv2's
     # pseudo-inverse projectors); read at construction only, never kept
     student_model: object = None
@@ -119,15 +90,15 @@ class Criterion(nn.Module):
     published_combination: ClassVar[str] = "additive"
     teacher_modules: ClassVar[tuple[str, ...]] = ()
     teacher_ranks: int | None = None
+    # the option groups (frozen dataclasses, :mod:`mckd.criteria.options`) ``from_options`` reads;
+    # the command line gets their flags
+    option_groups: ClassVar[tuple[type, ...]] = ()
 
     @classmethod
-    def add_args(cls, parser) -> None:
-        """Add this criterion's own command-line options (an argparse group). Shared KD flags
-        (--kd-rate, --kd-temperature, ...) are added once by :mod:`mckd.config`."""
-
-    @classmethod
-    def from_args(cls, args, dims: ModelDims, resources: "CriterionResources") -> "Criterion":
-        """Build from the parsed arguments: pick the flat keyword arguments ``__init__`` takes."""
+    def from_options(cls, options: "CriterionOptions", dims: ModelDims,
+                     resources: "CriterionResources") -> "Criterion":
+        """Build from the run's typed options (the groups listed in ``option_groups``), the model
+        sizes and the non-tensor resources."""
         return cls()
 
     def set_progress(self, step: int, total_steps: int) -> None:

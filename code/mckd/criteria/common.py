@@ -138,7 +138,7 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor,
 
     With smoothing ``eps`` the per-token loss is ``(1 - eps) * nll + eps * mean_v(-log p_v)``
     (the same definition as :func:`torch.nn.functional.cross_entropy`). The published code
-    multiplied the NLL part by the number of tokens (spec D4); this does not. The log-softmax is
+    multiplied the NLL part by the number of tokens; this does not. The log-softmax is
     computed on the label rows only (:func:`label_rows`).
 
     Args:

@@ -1,8 +1,8 @@
-"""``cross_entropy``: supervised fine-tuning, no teacher (spec 6.0).
+"""``cross_entropy``: supervised fine-tuning, no teacher.
 
 Loss = sum over label tokens of ``-log p(y)`` (fp32), with optional label smoothing
 (``--label-smoothing``, done as in :func:`torch.nn.functional.cross_entropy`; the published code
-multiplied the NLL by the token count when smoothing was on, spec D4).
+multiplied the NLL by the token count when smoothing was on).
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 from mckd.criteria.base import Criterion, CriterionOutput, ModelDims, ModelView, register_criterion
 from mckd.criteria.common import count_tokens, cross_entropy_sum, is_on_policy, token_accuracy
+from mckd.criteria.options import CriterionOptions, KDOptions
 
 
 def sft_terms(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
@@ -45,9 +46,11 @@ class CrossEntropy(Criterion):
         super().__init__()
         self.label_smoothing = label_smoothing
 
+    option_groups = (KDOptions,)
+
     @classmethod
-    def from_args(cls, args, dims: ModelDims, resources=None) -> "CrossEntropy":
-        return cls(label_smoothing=getattr(args, "label_smoothing", 0.0))
+    def from_options(cls, options: CriterionOptions, dims: ModelDims, resources=None) -> "CrossEntropy":
+        return cls(label_smoothing=options[KDOptions].label_smoothing)
 
     def forward(self, batch: dict[str, torch.Tensor], student: ModelView,
                 teacher: ModelView | None = None) -> CriterionOutput:

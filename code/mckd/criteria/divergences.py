@@ -1,7 +1,7 @@
 """Per-token divergences between a student and a teacher distribution over one vocabulary.
 
 Every function takes logits and returns one value per position; masking and reduction are the
-caller's (:func:`mckd.criteria.common.masked_sum`). Shared conventions (spec section 6.1):
+caller's (:func:`mckd.criteria.common.masked_sum`). Shared conventions:
 
 * ``p = softmax(z_s / tau)`` is the student, ``q = softmax(z_t / (tau * tau_t))`` the teacher
   (``tau_t`` = ``teacher_temperature``, 1 except in the DSKD-CMA teacher-to-student term).

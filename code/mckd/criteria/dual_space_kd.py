@@ -1,4 +1,4 @@
-"""``dual_space_kd``: DSKD between models sharing one tokenizer (spec 6.2).
+"""``dual_space_kd``: DSKD between models sharing one tokenizer.
 
 Positions coincide, so the teacher's hidden states are projected straight into the student space
 and the student's into the teacher space:
@@ -22,6 +22,7 @@ from mckd.criteria.common import (combine_losses, count_tokens, cross_entropy_ro
                                   upcast)
 from mckd.criteria.cross_entropy import sft_terms
 from mckd.criteria.divergences import Divergence, forward_kl, get_divergence
+from mckd.criteria.options import CriterionOptions, KDOptions
 from mckd.models.projectors import build_projectors, load_projector_weights, run_projector
 
 DSKD_PROJECTORS = ("t2s", "s2t")
@@ -101,18 +102,17 @@ class DualSpaceKD(Criterion):
         self.kd_rate, self.kd_temperature, self.tau_squared = kd_rate, kd_temperature, tau_squared
         self.label_smoothing, self.loss_combination = label_smoothing, loss_combination
 
+    option_groups = (KDOptions,)
+
     @classmethod
-    def from_args(cls, args, dims: ModelDims, resources=None) -> "DualSpaceKD":
-        cfg = (getattr(resources, "projector_config_path", None)
-               or getattr(args, "projector_config_path", None))
-        return cls(dims.student_hidden, dims.teacher_hidden, kd_rate=args.kd_rate,
-                   kd_objective=args.kd_objective, kd_temperature=args.kd_temperature,
-                   tau_squared=getattr(args, "kd_temperature_scaling", False),
-                   label_smoothing=getattr(args, "label_smoothing", 0.0),
-                   loss_combination=getattr(args, "loss_combination", "published"),
-                   adaptive_kl_alpha=getattr(args, "adaptive_kl_alpha", 0.5),
-                   skew_lambda=getattr(args, "skew_lambda", 0.1), projector_config_path=cfg,
-                   projector_path=getattr(args, "projector_path", None))
+    def from_options(cls, options: CriterionOptions, dims: ModelDims, resources=None) -> "DualSpaceKD":
+        kd = options[KDOptions]
+        return cls(dims.student_hidden, dims.teacher_hidden, kd_rate=kd.kd_rate,
+                   kd_objective=kd.kd_objective, kd_temperature=kd.kd_temperature,
+                   tau_squared=kd.kd_temperature_scaling, label_smoothing=kd.label_smoothing,
+                   loss_combination=kd.loss_combination, adaptive_kl_alpha=kd.adaptive_kl_alpha,
+                   skew_lambda=kd.skew_lambda, projector_config_path=kd.projector_config_path,
+                   projector_path=kd.projector_path)
 
     def forward(self, batch: dict[str, torch.Tensor], student: ModelView,
                 teacher: ModelView | None) -> CriterionOutput:

@@ -41,6 +41,7 @@ two sides are handled (the published buffers assumed both padded to one length).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -50,7 +51,9 @@ from mckd.criteria.common import (combine_losses, count_tokens, head_logits, lab
                                   teacher_labels, upcast)
 from mckd.criteria.cross_entropy import sft_terms
 from mckd.criteria.divergences import Divergence, forward_kl, get_divergence
+from mckd.criteria.options import CriterionOptions, KDOptions, OptionGroup
 from mckd.models.projectors import load_projector_weights
+from mckd.options import opt
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +61,23 @@ S2T_MODES = ("pinv", "linear")
 PROJECTOR_INITS = ("pinv", "random")
 NORMALIZATIONS = ("aligned", "labels")
 INDEX_KEY = "exact_teacher_index"
+
+
+@dataclass(frozen=True)
+class DSKDv2Options(OptionGroup):
+    """dual_space_kd_v2 (also dwa_kd with --dwa-token-alignment exact)"""
+
+    dskdv2_s2t: str = opt("pinv", "teacher-space map: pinv = W_s[O]^T pinv(W_t[O]^T) from the current "
+                          "student head (published --init-s2t-projector); linear = a trained "
+                          "Linear(D_s, D_t)", choices=S2T_MODES)
+    dskdv2_projector_init: str = opt("pinv", "t2s projector initialisation (published "
+                                     "--init-t2s-projector: pinv)", choices=PROJECTOR_INITS)
+    dskdv2_t2s_agreement: float = opt(1.0, "t2s KD only on pairs where the projected teacher keeps "
+                                      "its own prediction when that rate is <= this value "
+                                      "(published --t2s-agreement 1.0: always)")
+    dskdv2_normalization: str = opt("aligned", "aligned: each KD term is its mean over the aligned "
+                                    "pairs (published); labels: sums divided by the label-token "
+                                    "count like CE", choices=NORMALIZATIONS)
 
 
 def exact_pairs(exact_index: torch.Tensor, labels: torch.Tensor,
@@ -282,39 +302,22 @@ class DualSpaceKDV2(Criterion):
         self.label_smoothing, self.loss_combination = label_smoothing, loss_combination
         self.t2s_agreement, self.normalization = t2s_agreement, normalization
 
-    @classmethod
-    def add_args(cls, parser) -> None:
-        g = parser.add_argument_group("dual_space_kd_v2")
-        g.add_argument("--dskdv2-s2t", choices=S2T_MODES, default="pinv",
-                       help="teacher-space map: pinv = W_s[O]^T pinv(W_t[O]^T) from the current student head "
-                            "(published --init-s2t-projector); linear = a trained Linear(D_s, D_t)")
-        g.add_argument("--dskdv2-projector-init", choices=PROJECTOR_INITS, default="pinv",
-                       help="t2s projector initialisation (published --init-t2s-projector: pinv)")
-        g.add_argument("--dskdv2-t2s-agreement", type=float, default=1.0,
-                       help="t2s KD only on pairs where the projected teacher keeps its own prediction "
-                            "when that rate is <= this value (published --t2s-agreement 1.0: always)")
-        g.add_argument("--dskdv2-normalization", choices=NORMALIZATIONS, default="aligned",
-                       help="aligned: each KD term is its mean over the aligned pairs (published); "
-                            "labels: sums divided by the label-token count like CE")
+    option_groups = (KDOptions, DSKDv2Options)
 
     @classmethod
-    def from_args(cls, args, dims: ModelDims, resources=None) -> "DualSpaceKDV2":
+    def from_options(cls, options: CriterionOptions, dims: ModelDims, resources=None) -> "DualSpaceKDV2":
         if dims.teacher_hidden is None:
             raise ValueError("dual_space_kd_v2: needs a teacher (--teacher-model-path)")
-        s2t = getattr(args, "dskdv2_s2t", "pinv")
-        init = getattr(args, "dskdv2_projector_init", "pinv")
-        s_head, t_head, overlap = heads_and_overlap(resources, init, s2t)
+        kd, v2 = options[KDOptions], options[DSKDv2Options]
+        s_head, t_head, overlap = heads_and_overlap(resources, v2.dskdv2_projector_init, v2.dskdv2_s2t)
         return cls(dims.student_hidden, dims.teacher_hidden, shared_map_tensor(resources, dims, "dual_space_kd_v2"),
-                   kd_rate=args.kd_rate, kd_objective=args.kd_objective, kd_temperature=args.kd_temperature,
-                   tau_squared=getattr(args, "kd_temperature_scaling", False),
-                   label_smoothing=getattr(args, "label_smoothing", 0.0),
-                   loss_combination=getattr(args, "loss_combination", "published"),
-                   adaptive_kl_alpha=getattr(args, "adaptive_kl_alpha", 0.5),
-                   skew_lambda=getattr(args, "skew_lambda", 0.1), s2t=s2t, projector_init=init,
-                   t2s_agreement=getattr(args, "dskdv2_t2s_agreement", 1.0),
-                   normalization=getattr(args, "dskdv2_normalization", "aligned"),
+                   kd_rate=kd.kd_rate, kd_objective=kd.kd_objective, kd_temperature=kd.kd_temperature,
+                   tau_squared=kd.kd_temperature_scaling, label_smoothing=kd.label_smoothing,
+                   loss_combination=kd.loss_combination, adaptive_kl_alpha=kd.adaptive_kl_alpha,
+                   skew_lambda=kd.skew_lambda, s2t=v2.dskdv2_s2t, projector_init=v2.dskdv2_projector_init,
+                   t2s_agreement=v2.dskdv2_t2s_agreement, normalization=v2.dskdv2_normalization,
                    student_head=s_head, teacher_head=t_head, overlap=overlap,
-                   projector_path=getattr(args, "projector_path", None))
+                   projector_path=kd.projector_path)
 
     def forward(self, batch: dict[str, torch.Tensor], student: ModelView,
                 teacher: ModelView | None) -> CriterionOutput:

@@ -1,4 +1,4 @@
-"""``dual_space_kd_with_cma``: DSKD with cross-model attention, any pair of tokenizers (spec 6.3).
+"""``dual_space_kd_with_cma``: DSKD with cross-model attention, any pair of tokenizers.
 
 Cross-model attention (CMA) aligns the student's response tokens with the teacher's: student
 queries ``[E_s(x); E_s(y)]`` attend over teacher keys ``[E_t(x); E_t(y)]``. With it:
@@ -14,12 +14,12 @@ only student label positions attending to teacher label positions; embeddings an
 :func:`cma_losses` is the pure function (MCW-KD reuses it). Differences from the published code:
 
 * ``normalization``: the published scaling divides by ONE std over the whole batch tensor,
-  padding included (spec 14.2.12), so padding and batch composition change the loss. Choices:
+  padding included, so padding and batch composition change the loss. Choices:
   ``"published"`` (exactly that), ``"masked_std"`` (default: the same global std, over label
   positions only, so padding has no effect) and ``"token_rms"`` (each token divided by its own
   RMS; batch-independent).
 * ``t2s_accuracy_mask`` (default True = published): the t2s KD term only counts positions where
-  the projected teacher already predicts the gold token (spec 14.2.11); False uses all positions.
+  the projected teacher already predicts the gold token; False uses all positions.
 * masked attention logits are set to -1e5 (published: -1e5 added); identical for every row that
   has a valid key, and those without one are masked out of every loss.
 * ``tau_squared`` optionally scales both KD terms by tau^2.
@@ -33,15 +33,31 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mckd.criteria.base import Criterion, CriterionOutput, ModelDims, ModelView, register_criterion
+from mckd.criteria.base import (Criterion, CriterionOutput, CriterionResources, ModelDims, ModelView,
+                               register_criterion)
 from mckd.criteria.common import (combine_losses, count_tokens, cross_entropy_rows, gather_rows,
                                   head_logits, label_mask, label_rows, masked_sum, require_hidden,
                                   safe_targets, teacher_input_ids, teacher_labels, upcast)
 from mckd.criteria.cross_entropy import sft_terms
 from mckd.criteria.divergences import Divergence, forward_kl, get_divergence
+from mckd.criteria.options import CriterionOptions, KDOptions, OptionGroup
 from mckd.models.projectors import build_projectors, load_projector_weights, run_projector
+from mckd.options import opt
 
 CMA_NORMALIZATIONS = ("published", "masked_std", "token_rms")
+
+
+@dataclass(frozen=True)
+class CMAOptions(OptionGroup):
+    """dual_space_kd_with_cma (also used by the CMA terms of mcw_kd and dwa_kd)"""
+
+    cma_normalization: str = opt("masked_std", "scale normalisation of CMA keys/values: published = "
+                                 "one std over the whole batch incl. padding; masked_std = the same "
+                                 "over label positions; token_rms = per-token RMS",
+                                 choices=CMA_NORMALIZATIONS)
+    cma_t2s_accuracy_mask: bool = opt(True, "t2s KD only where the projected teacher predicts the "
+                                      "gold token (published: on; --no-cma-t2s-accuracy-mask to use "
+                                      "all label positions)", action=argparse.BooleanOptionalAction)
 CMA_PROJECTORS = ("query", "t2s", "s2t")
 _MASKED_SCORE = -1e5
 
@@ -98,7 +114,7 @@ def cma_losses(*, student_logits: torch.Tensor, student_hidden: torch.Tensor,
                normalization: str = "masked_std", t2s_accuracy_mask: bool = True,
                projector_pretraining: bool = False, t2s_weights: torch.Tensor | None = None,
                s2t_weights: torch.Tensor | None = None) -> CMATerms:
-    """The DSKD-CMA knowledge-distillation terms, batched (spec 6.3 steps 1-6).
+    """The DSKD-CMA knowledge-distillation terms, batched.
 
     Args:
         student_logits: (B, T_s, V_s). student_hidden: (B, T_s, D_s) last layer.
@@ -218,20 +234,12 @@ class DualSpaceKDWithCMA(Criterion):
         self.normalization, self.t2s_accuracy_mask = normalization, t2s_accuracy_mask
         self.projector_pretraining = projector_pretraining
 
-    @classmethod
-    def add_args(cls, parser) -> None:
-        g = parser.add_argument_group("dual_space_kd_with_cma (also used by mcw_kd's CMA term)")
-        g.add_argument("--cma-normalization", choices=CMA_NORMALIZATIONS, default="masked_std",
-                       help="scale normalisation of CMA keys/values: published = one std over the "
-                            "whole batch incl. padding; masked_std = the same over label positions; "
-                            "token_rms = per-token RMS")
-        g.add_argument("--cma-t2s-accuracy-mask", action=argparse.BooleanOptionalAction, default=True,
-                       help="t2s KD only where the projected teacher predicts the gold token "
-                            "(published: on; --no-cma-t2s-accuracy-mask to use all label positions)")
+    option_groups = (KDOptions, CMAOptions)
 
     @classmethod
-    def from_args(cls, args, dims: ModelDims, resources=None) -> "DualSpaceKDWithCMA":
-        return cls(dims.student_hidden, dims.teacher_hidden, **cma_kwargs_from_args(args, resources))
+    def from_options(cls, options: CriterionOptions, dims: ModelDims,
+                     resources: CriterionResources | None = None) -> "DualSpaceKDWithCMA":
+        return cls(dims.student_hidden, dims.teacher_hidden, **cma_kwargs(options, resources))
 
     def forward(self, batch: dict[str, torch.Tensor], student: ModelView,
                 teacher: ModelView | None) -> CriterionOutput:
@@ -257,18 +265,13 @@ class DualSpaceKDWithCMA(Criterion):
         return CriterionOutput(loss, count_tokens(labels), metrics)
 
 
-def cma_kwargs_from_args(args, resources=None) -> dict:
-    """Keyword arguments of :class:`DualSpaceKDWithCMA` (minus the sizes) from parsed flags."""
-    cfg = getattr(resources, "projector_config_path", None) or getattr(args, "projector_config_path", None)
-    return dict(kd_rate=args.kd_rate, kd_objective=args.kd_objective,
-                kd_temperature=args.kd_temperature,
-                teacher_temperature=getattr(args, "teacher_temperature", 1.0),
-                tau_squared=getattr(args, "kd_temperature_scaling", False),
-                label_smoothing=getattr(args, "label_smoothing", 0.0),
-                loss_combination=getattr(args, "loss_combination", "published"),
-                adaptive_kl_alpha=getattr(args, "adaptive_kl_alpha", 0.5),
-                skew_lambda=getattr(args, "skew_lambda", 0.1),
-                normalization=getattr(args, "cma_normalization", "masked_std"),
-                t2s_accuracy_mask=getattr(args, "cma_t2s_accuracy_mask", True),
-                projector_pretraining=getattr(args, "only_save_projector", False),
-                projector_config_path=cfg, projector_path=getattr(args, "projector_path", None))
+def cma_kwargs(options: CriterionOptions, resources: CriterionResources | None = None) -> dict:
+    """Keyword arguments of :class:`DualSpaceKDWithCMA` (minus the sizes) from the run's options."""
+    kd, cma = options[KDOptions], options[CMAOptions]
+    return dict(kd_rate=kd.kd_rate, kd_objective=kd.kd_objective, kd_temperature=kd.kd_temperature,
+                teacher_temperature=kd.teacher_temperature, tau_squared=kd.kd_temperature_scaling,
+                label_smoothing=kd.label_smoothing, loss_combination=kd.loss_combination,
+                adaptive_kl_alpha=kd.adaptive_kl_alpha, skew_lambda=kd.skew_lambda,
+                normalization=cma.cma_normalization, t2s_accuracy_mask=cma.cma_t2s_accuracy_mask,
+                projector_pretraining=resources is not None and resources.projector_pretraining,
+                projector_config_path=kd.projector_config_path, projector_path=kd.projector_path)

@@ -41,6 +41,7 @@ a per-sequence value added to the token-summed loss, as in that implementation.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -50,14 +51,30 @@ from mckd.criteria.common import (count_tokens, label_mask, require_hidden, safe
                                   teacher_labels, upcast)
 from mckd.criteria.cross_entropy import sft_terms
 from mckd.criteria.divergences import get_divergence
-from mckd.criteria.dual_space_kd_v2 import (ExactAlignmentProjectors, eta_dual_space_terms, eta_metrics,
-                                            heads_and_overlap, normalize_terms, shared_map_tensor)
-from mckd.criteria.dual_space_kd_with_cma import CMA_PROJECTORS, cma_kwargs_from_args, cma_losses
+from mckd.criteria.dual_space_kd_v2 import (DSKDv2Options, ExactAlignmentProjectors, eta_dual_space_terms,
+                                            eta_metrics, heads_and_overlap, normalize_terms, shared_map_tensor)
+from mckd.criteria.dual_space_kd_with_cma import CMA_PROJECTORS, CMAOptions, cma_kwargs, cma_losses
+from mckd.criteria.options import CriterionOptions, KDOptions, OptionGroup
 from mckd.models.projectors import build_projectors, load_projector_weights, run_projector
 from mckd.ot.costs import pairwise_cosine_distance
 from mckd.ot.soft_dtw import soft_dtw_divergence
+from mckd.options import opt
 
 TOKEN_ALIGNMENTS = ("cma", "exact")
+
+
+@dataclass(frozen=True)
+class DWAOptions(OptionGroup):
+    """dwa_kd"""
+
+    dwa_token_alignment: str = opt("cma", "token alignment of the weighted dual-space KD: cma "
+                                   "(cross-model attention) or exact (DSKDv2's exactly aligned pairs; "
+                                   "--dskdv2-* options)", choices=TOKEN_ALIGNMENTS)
+    dwa_dtw_rate: float = opt(1.0, "weight of the two Soft-DTW divergences (embeddings, last hidden "
+                                   "states)")
+    dwa_gamma: float = opt(1.0, "Soft-DTW smoothing gamma")
+
+
 DTW_PROJECTORS = ("dtw_embed", "dtw_hidden")
 
 
@@ -190,39 +207,29 @@ class DWAKD(Criterion):
         if projector_path:
             load_projector_weights(self.projectors, projector_path)
 
-    @classmethod
-    def add_args(cls, parser) -> None:
-        g = parser.add_argument_group("dwa_kd")
-        g.add_argument("--dwa-token-alignment", choices=TOKEN_ALIGNMENTS, default="cma",
-                       help="token alignment of the weighted dual-space KD: cma (cross-model attention) or "
-                            "exact (DSKDv2's exactly aligned pairs; --dskdv2-* options)")
-        g.add_argument("--dwa-dtw-rate", type=float, default=1.0,
-                       help="weight of the two Soft-DTW divergences (embeddings, last hidden states)")
-        g.add_argument("--dwa-gamma", type=float, default=1.0, help="Soft-DTW smoothing gamma")
+    option_groups = (KDOptions, CMAOptions, DSKDv2Options, DWAOptions)
 
     @classmethod
-    def from_args(cls, args, dims: ModelDims, resources=None) -> "DWAKD":
+    def from_options(cls, options: CriterionOptions, dims: ModelDims, resources=None) -> "DWAKD":
         if dims.teacher_hidden is None:
             raise ValueError("dwa_kd: needs a teacher (--teacher-model-path)")
-        kw = cma_kwargs_from_args(args, resources)
+        kw = cma_kwargs(options, resources)
+        dwa, v2 = options[DWAOptions], options[DSKDv2Options]
         cma_options = dict(kd_divergence=get_divergence(kw["kd_objective"], adaptive_kl_alpha=kw["adaptive_kl_alpha"],
                                                         skew_lambda=kw["skew_lambda"]),
                            temperature=kw["kd_temperature"], teacher_temperature=kw["teacher_temperature"],
                            tau_squared=kw["tau_squared"], normalization=kw["normalization"],
                            t2s_accuracy_mask=kw["t2s_accuracy_mask"])
-        align = getattr(args, "dwa_token_alignment", "cma")
+        align = dwa.dwa_token_alignment
         eta = None
         if align == "exact":
-            s2t = getattr(args, "dskdv2_s2t", "pinv")
-            init = getattr(args, "dskdv2_projector_init", "pinv")
+            s2t, init = v2.dskdv2_s2t, v2.dskdv2_projector_init
             s_head, t_head, overlap = heads_and_overlap(resources, init, s2t)
             eta = dict(tea2stu=shared_map_tensor(resources, dims, "dwa_kd"), s2t=s2t, init=init,
                        student_head=s_head, teacher_head=t_head, overlap=overlap,
-                       agreement=getattr(args, "dskdv2_t2s_agreement", 1.0),
-                       normalization=getattr(args, "dskdv2_normalization", "aligned"))
+                       agreement=v2.dskdv2_t2s_agreement, normalization=v2.dskdv2_normalization)
         return cls(dims.student_hidden, dims.teacher_hidden, token_alignment=align,
-                   dtw_rate=getattr(args, "dwa_dtw_rate", 1.0), gamma=getattr(args, "dwa_gamma", 1.0),
-                   kd_rate=args.kd_rate, label_smoothing=kw["label_smoothing"], cma_options=cma_options,
+                   dtw_rate=dwa.dwa_dtw_rate, gamma=dwa.dwa_gamma, kd_rate=kw["kd_rate"], label_smoothing=kw["label_smoothing"], cma_options=cma_options,
                    projector_config_path=kw["projector_config_path"], projector_path=kw["projector_path"], eta=eta)
 
     def forward(self, batch: dict[str, torch.Tensor], student: ModelView,

@@ -1,4 +1,4 @@
-"""``min_edit_dis_kld``: MinED cross-tokenizer logit KD (FuseLLM-style alignment; spec 6.5, 4.4).
+"""``min_edit_dis_kld``: MinED cross-tokenizer logit KD (FuseLLM-style alignment).
 
     loss = combine(CE_sum, sum_{labels != -100} KL_tau(q_aligned || p_s))
 
@@ -13,13 +13,13 @@ For every student label position ``j`` the target distribution ``q_aligned`` is
 * otherwise a one-hot target: logit 100 at the gold label, -1e5 elsewhere (so the KD term there
   is the CE at temperature tau).
 
-Vocabulary transfer (spec 4.4): the map ``tea2stu`` (teacher id -> student id) is inverted to
+Vocabulary transfer: the map ``tea2stu`` (teacher id -> student id) is inverted to
 ``stu2tea``: every student id in its image gets the *smallest* teacher id mapped to it
 (``max_align_num = 1``); student ids outside the image get the fill logit -1e5, i.e. zero teacher
 probability. The transfer is one gather of the ``K`` mapped teacher columns at the aligned teacher
 positions (:func:`mined_transfer`). The published target over the whole student vocabulary (one
-float scatter, :func:`dense_target_logits`; the published code built an int64 one-hot per position,
-spec 14.3) is never materialised in training: :func:`mined_kd_per_token` scatters the teacher
+float scatter, :func:`dense_target_logits`; the published code built an int64 one-hot per position)
+is never materialised in training: :func:`mined_kd_per_token` scatters the teacher
 *probabilities* instead and uses the fused soft-target cross-entropy, which gives the same number
 because the fill entries have probability 0.
 
@@ -41,6 +41,7 @@ from mckd.criteria.base import (Criterion, CriterionOutput, CriterionResources, 
 from mckd.criteria.common import (combine_losses, count_tokens, label_mask, masked_sum, safe_targets,
                                   teacher_input_ids, upcast)
 from mckd.criteria.cross_entropy import sft_terms
+from mckd.criteria.options import CriterionOptions, KDOptions
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ INDEX_KEY = "mined_teacher_index"
 
 
 def invert_vocab_map(tea2stu: torch.Tensor, student_vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Invert teacher->student to student->first teacher id (spec 4.4 steps 2-4).
+    """Invert teacher->student to student->first teacher id.
 
     Args:
         tea2stu: (V_t',) long, student id of every teacher id.
@@ -72,7 +73,7 @@ def mined_transfer(teacher_logits: torch.Tensor, teacher_index: torch.Tensor,
                    student_input_ids: torch.Tensor, teacher_input_ids: torch.Tensor,
                    labels: torch.Tensor, tea2stu: torch.Tensor,
                    stu2tea_teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Conditions (a)-(c) and the teacher logits moved to the student vocabulary (spec 6.5 steps 3-4).
+    """Conditions (a)-(c) and the teacher logits moved to the student vocabulary.
 
     Args:
         teacher_logits: (B, T_t, V_t) teacher logits (no gradient is taken through them).
@@ -118,7 +119,7 @@ def mined_transfer(teacher_logits: torch.Tensor, teacher_index: torch.Tensor,
 
 def dense_target_logits(cols: torch.Tensor, aligned: torch.Tensor, labels: torch.Tensor,
                         stu2tea_student: torch.Tensor, student_vocab: int) -> torch.Tensor:
-    """The published target logits over the whole student vocabulary (spec 6.5 steps 3-5).
+    """The published target logits over the whole student vocabulary.
 
     Transferred logits at ``stu2tea_student`` and -1e5 elsewhere on aligned rows; the one-hot
     fallback (100 at the label, -1e5 elsewhere) on the others. The loss does not need this tensor
@@ -146,7 +147,7 @@ def dense_target_logits(cols: torch.Tensor, aligned: torch.Tensor, labels: torch
 def mined_kd_per_token(student_logits: torch.Tensor, cols: torch.Tensor, aligned: torch.Tensor,
                        labels: torch.Tensor, stu2tea_student: torch.Tensor, temperature: float = 1.0,
                        tau_squared: bool = False) -> torch.Tensor:
-    """Forward KL of the MinED target to the student at every position (spec 6.5 step 6).
+    """Forward KL of the MinED target to the student at every position.
 
     Equal to ``forward_kl(student_logits, dense_target_logits(...), temperature=tau)`` (tested),
     computed without the target logits: a target entry of -1e5 has probability
@@ -238,11 +239,15 @@ class MinEditDisKLD(Criterion):
         logger.info("min_edit_dis_kld: %d teacher ids -> %d distinct student ids (of %d)",
                     tea2stu.numel(), stu2tea_student.numel(), student_vocab)
 
+    option_groups = (KDOptions,)
+
     @classmethod
-    def from_args(cls, args, dims: ModelDims, resources: CriterionResources | None = None) -> "MinEditDisKLD":
+    def from_options(cls, options: CriterionOptions, dims: ModelDims,
+                     resources: CriterionResources | None = None) -> "MinEditDisKLD":
         from mckd.data.vocab_map import load_or_build_vocab_map
 
-        path = getattr(args, "teacher_to_student_id_mapping", None)
+        kd = options[KDOptions]
+        path = kd.teacher_to_student_id_mapping
         tok_t = getattr(resources, "teacher_tokenizer", None)
         tok_s = getattr(resources, "student_tokenizer", None)
         if not (path and os.path.isfile(path)) and (tok_t is None or tok_s is None):
@@ -251,11 +256,9 @@ class MinEditDisKLD(Criterion):
         mapping, source = load_or_build_vocab_map(path, tok_t, tok_s)
         logger.info("min_edit_dis_kld: vocabulary map %s", source)
         return cls(mapping, student_vocab=dims.student_vocab, teacher_vocab=dims.teacher_vocab,
-                   kd_rate=args.kd_rate, kd_temperature=args.kd_temperature,
-                   tau_squared=getattr(args, "kd_temperature_scaling", False),
-                   label_smoothing=getattr(args, "label_smoothing", 0.0),
-                   loss_combination=getattr(args, "loss_combination", "published"),
-                   source=str(source))
+                   kd_rate=kd.kd_rate, kd_temperature=kd.kd_temperature,
+                   tau_squared=kd.kd_temperature_scaling, label_smoothing=kd.label_smoothing,
+                   loss_combination=kd.loss_combination, source=str(source))
 
     def forward(self, batch: dict[str, torch.Tensor], student: ModelView,
                 teacher: ModelView | None) -> CriterionOutput:

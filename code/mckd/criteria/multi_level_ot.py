@@ -26,17 +26,17 @@ probability mass summed over every position, first K kept::
 
 The fixed variant differs from the published one in:
 
-* M24: no second softmax. The published code applied ``softmax(. / 2)`` to the top-K
+* no second softmax. The published code applied ``softmax(. / 2)`` to the top-K
   *probabilities* again inside the OT, and in the KL took ``log_softmax`` of the student's and
   ``softmax`` of the teacher's probabilities, which makes both sides nearly uniform; here the OT and
   KL use the top-K probabilities themselves.
-* M26: the published top-K used one vocabulary order for the whole batch (padding included), its
+* the published top-K used one vocabulary order for the whole batch (padding included), its
   L1/KL means and OT ran over all positions including prompt and padding, and the loss was that
   global scalar times the number of valid tokens. Here top-K is per position, L1 and KL are token
   sums over the aligned response pairs, and the OT of each example is a plan of unit mass
   (marginals 1/n_b) on its aligned pairs entering as ``n_b * OT_b``: the token-sum scale of the
   published plan, whose mass is its number of columns L.
-* M25: accuracy is the usual token accuracy (the published one compared unrolled logits with
+* accuracy is the usual token accuracy (the published one compared unrolled logits with
   rolled labels).
 
 With our dynamic padding the padded length is not the published 512, so the published variant
@@ -44,15 +44,31 @@ still differs numerically from a published run; it exists to measure what the fi
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from mckd.criteria.base import Criterion, CriterionOutput, ModelDims, ModelView, register_criterion
 from mckd.criteria.common import combine_losses, count_tokens, masked_sum, teacher_labels, upcast
 from mckd.criteria.cross_entropy import sft_terms
+from mckd.criteria.options import CriterionOptions, KDOptions, OptionGroup
 from mckd.criteria.universal_logit_distillation import gather_positions, response_start_alignment
+from mckd.options import opt
 from mckd.ot.sinkhorn import sinkhorn
 
 MLOT_VARIANTS = ("fixed", "published")
+
+
+@dataclass(frozen=True)
+class MLOTOptions(OptionGroup):
+    """multi_level_ot (hard-coded in the published code)"""
+
+    mlot_variant: str = opt("fixed", "fixed: per-token top-k, masks, no double softmax; published: "
+                                     "as published", choices=MLOT_VARIANTS)
+    mlot_temperature: float = opt(2.0, "softmax temperature")
+    mlot_top_k: int = opt(50, "ranked probabilities compared")
+    mlot_sinkhorn_eps: float = opt(0.1, "Sinkhorn regularisation")
+    mlot_sinkhorn_iters: int = opt(10, "Sinkhorn iterations")
 
 
 def std_scaled(logits: torch.Tensor) -> torch.Tensor:
@@ -169,25 +185,15 @@ class MultiLevelOT(Criterion):
         """The ranked probabilities compared per token (``--mlot-top-k``)."""
         return self.options["top_k"]
 
-    @classmethod
-    def add_args(cls, parser) -> None:
-        g = parser.add_argument_group("multi_level_ot (hard-coded in the published code)")
-        g.add_argument("--mlot-variant", choices=MLOT_VARIANTS, default="fixed",
-                       help="fixed: per-token top-k, masks, no double softmax; published: as published")
-        g.add_argument("--mlot-temperature", type=float, default=2.0, help="softmax temperature")
-        g.add_argument("--mlot-top-k", type=int, default=50, help="ranked probabilities compared")
-        g.add_argument("--mlot-sinkhorn-eps", type=float, default=0.1, help="Sinkhorn regularisation")
-        g.add_argument("--mlot-sinkhorn-iters", type=int, default=10, help="Sinkhorn iterations")
+    option_groups = (KDOptions, MLOTOptions)
 
     @classmethod
-    def from_args(cls, args, dims: ModelDims, resources=None) -> "MultiLevelOT":
-        return cls(kd_rate=args.kd_rate, label_smoothing=getattr(args, "label_smoothing", 0.0),
-                   loss_combination=getattr(args, "loss_combination", "published"),
-                   variant=getattr(args, "mlot_variant", "fixed"),
-                   temperature=getattr(args, "mlot_temperature", 2.0),
-                   top_k=getattr(args, "mlot_top_k", 50),
-                   sinkhorn_eps=getattr(args, "mlot_sinkhorn_eps", 0.1),
-                   sinkhorn_iters=getattr(args, "mlot_sinkhorn_iters", 10))
+    def from_options(cls, options: CriterionOptions, dims: ModelDims, resources=None) -> "MultiLevelOT":
+        kd, ml = options[KDOptions], options[MLOTOptions]
+        return cls(kd_rate=kd.kd_rate, label_smoothing=kd.label_smoothing,
+                   loss_combination=kd.loss_combination, variant=ml.mlot_variant,
+                   temperature=ml.mlot_temperature, top_k=ml.mlot_top_k,
+                   sinkhorn_eps=ml.mlot_sinkhorn_eps, sinkhorn_iters=ml.mlot_sinkhorn_iters)
 
     def forward(self, batch: dict[str, torch.Tensor], student: ModelView,
                 teacher: ModelView | None) -> CriterionOutput:

@@ -33,6 +33,8 @@ on the shared part; GOLD's config default is 0.5).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -40,10 +42,30 @@ from mckd.criteria.base import Criterion, CriterionOutput, ModelDims, ModelView,
 from mckd.criteria.common import (combine_losses, count_tokens, label_mask, teacher_labels,
                                   token_log_probs, upcast)
 from mckd.criteria.cross_entropy import sft_terms
+from mckd.criteria.options import CriterionOptions, KDOptions, OptionGroup
 from mckd.criteria.universal_logit_distillation import sorted_l1
+from mckd.options import opt
 
 POSITIONS = ("groups", "exact")
 PROB_FLOOR = 1e-8
+
+
+@dataclass(frozen=True)
+class ULDHybridOptions(OptionGroup):
+    """uld_hybrid (GOLD)"""
+
+    uld_hybrid_positions: str = opt("groups", "groups: every aligned group, multi-token groups merged "
+                                    "by the chain rule (GOLD); exact: exactly aligned positions only",
+                                    choices=POSITIONS)
+    uld_hybrid_beta: float = opt(0.0, "generalised JSD on the shared vocabulary: 0 = KL(teacher || "
+                                      "student) (default), 1 = reverse KL, GOLD's config default 0.5")
+    uld_hybrid_matched_weight: float | None = opt(None, "weight of the shared-vocabulary term "
+                                                        "(default: K / V_t, GOLD's adaptive weight)",
+                                                  type=float)
+    uld_hybrid_unmatched_weight: float | None = opt(None, "weight of the sorted L1 on the rest "
+                                                          "(default: 1 - K / V_t)", type=float)
+    uld_hybrid_keep_eos: bool = opt(False, "also compare the last label positions (GOLD skips the "
+                                           "eos by default)", action="store_true")
 
 
 def last_label_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -236,34 +258,19 @@ class ULDHybrid(Criterion):
         self.kd_temperature, self.skip_eos = kd_temperature, skip_eos
         self.label_smoothing, self.loss_combination = label_smoothing, loss_combination
 
-    @classmethod
-    def add_args(cls, parser) -> None:
-        g = parser.add_argument_group("uld_hybrid (GOLD)")
-        g.add_argument("--uld-hybrid-positions", choices=POSITIONS, default="groups",
-                       help="groups: every aligned group, multi-token groups merged by the chain rule "
-                            "(GOLD); exact: exactly aligned positions only")
-        g.add_argument("--uld-hybrid-beta", type=float, default=0.0,
-                       help="generalised JSD on the shared vocabulary: 0 = KL(teacher || student) "
-                            "(default), 1 = reverse KL, GOLD's config default 0.5")
-        g.add_argument("--uld-hybrid-matched-weight", type=float, default=None,
-                       help="weight of the shared-vocabulary term (default: K / V_t, GOLD's adaptive weight)")
-        g.add_argument("--uld-hybrid-unmatched-weight", type=float, default=None,
-                       help="weight of the sorted L1 on the rest (default: 1 - K / V_t)")
-        g.add_argument("--uld-hybrid-keep-eos", action="store_true",
-                       help="also compare the last label positions (GOLD skips the eos by default)")
+    option_groups = (KDOptions, ULDHybridOptions)
 
     @classmethod
-    def from_args(cls, args, dims: ModelDims, resources=None) -> "ULDHybrid":
+    def from_options(cls, options: CriterionOptions, dims: ModelDims, resources=None) -> "ULDHybrid":
         from mckd.criteria.dual_space_kd_v2 import shared_map_tensor
 
-        return cls(shared_map_tensor(resources, dims, "uld_hybrid"), dims.student_vocab, kd_rate=args.kd_rate,
-                   positions=getattr(args, "uld_hybrid_positions", "groups"),
-                   beta=getattr(args, "uld_hybrid_beta", 0.0),
-                   matched_weight=getattr(args, "uld_hybrid_matched_weight", None),
-                   unmatched_weight=getattr(args, "uld_hybrid_unmatched_weight", None),
-                   kd_temperature=args.kd_temperature, skip_eos=not getattr(args, "uld_hybrid_keep_eos", False),
-                   label_smoothing=getattr(args, "label_smoothing", 0.0),
-                   loss_combination=getattr(args, "loss_combination", "published"))
+        kd, uh = options[KDOptions], options[ULDHybridOptions]
+        return cls(shared_map_tensor(resources, dims, "uld_hybrid"), dims.student_vocab, kd_rate=kd.kd_rate,
+                   positions=uh.uld_hybrid_positions, beta=uh.uld_hybrid_beta,
+                   matched_weight=uh.uld_hybrid_matched_weight,
+                   unmatched_weight=uh.uld_hybrid_unmatched_weight,
+                   kd_temperature=kd.kd_temperature, skip_eos=not uh.uld_hybrid_keep_eos,
+                   label_smoothing=kd.label_smoothing, loss_combination=kd.loss_combination)
 
     def forward(self, batch: dict[str, torch.Tensor], student: ModelView,
                 teacher: ModelView | None) -> CriterionOutput:

@@ -1,4 +1,4 @@
-"""``universal_logit_distillation`` (ULD, Boizard et al. 2024), any pair of tokenizers (spec 6.4).
+"""``universal_logit_distillation`` (ULD, Boizard et al. 2024), any pair of tokenizers.
 
 The i-th response token of the student is paired with the i-th response token of the teacher
 (response-start alignment), and their probability vectors are compared after sorting:
@@ -10,7 +10,7 @@ The i-th response token of the student is paired with the i-th response token of
 No temperature (as published). Differences from the published code:
 
 * alignment is a gather with index tensors (:func:`response_start_alignment`); the published code
-  rolled ``outputs.logits`` and the labels *in place*, in a Python loop over the batch (D9);
+  rolled ``outputs.logits`` and the labels *in place*, in a Python loop over the batch;
 * only the aligned response rows are sorted (never prompt or padding rows), the teacher's under
   ``no_grad`` and in row chunks to bound the int64 index memory. There is no exact shortcut: the
   rank-matched L1 needs every rank of both distributions (``sum_r |a_r - b_r| =
@@ -26,6 +26,7 @@ import torch
 from mckd.criteria.base import Criterion, CriterionOutput, ModelDims, ModelView, register_criterion
 from mckd.criteria.common import combine_losses, count_tokens, label_mask, teacher_labels, upcast
 from mckd.criteria.cross_entropy import sft_terms
+from mckd.criteria.options import CriterionOptions, KDOptions
 
 SORT_CHUNK_ROWS = 256
 
@@ -152,10 +153,14 @@ class UniversalLogitDistillation(Criterion):
         self.kd_rate, self.label_smoothing = kd_rate, label_smoothing
         self.loss_combination = loss_combination
 
+    option_groups = (KDOptions,)
+
     @classmethod
-    def from_args(cls, args, dims: ModelDims, resources=None) -> "UniversalLogitDistillation":
-        return cls(kd_rate=args.kd_rate, label_smoothing=getattr(args, "label_smoothing", 0.0),
-                   loss_combination=getattr(args, "loss_combination", "published"))
+    def from_options(cls, options: CriterionOptions, dims: ModelDims,
+                     resources=None) -> "UniversalLogitDistillation":
+        kd = options[KDOptions]
+        return cls(kd_rate=kd.kd_rate, label_smoothing=kd.label_smoothing,
+                   loss_combination=kd.loss_combination)
 
     def forward(self, batch: dict[str, torch.Tensor], student: ModelView,
                 teacher: ModelView | None) -> CriterionOutput:

@@ -1,4 +1,4 @@
-"""``various_divergence``: vanilla logit KD between models sharing one tokenizer (spec 6.1).
+"""``various_divergence``: vanilla logit KD between models sharing one tokenizer.
 
     loss = combine(CE_sum, sum_{labels != -100} D(p_s, p_t))
 
@@ -18,6 +18,7 @@ from mckd.criteria.common import (combine_losses, count_tokens, gather_rows, lab
                                   upcast)
 from mckd.criteria.cross_entropy import sft_terms
 from mckd.criteria.divergences import get_divergence
+from mckd.criteria.options import CriterionOptions, KDOptions
 
 
 def check_same_vocab(student_logits: torch.Tensor, teacher_logits: torch.Tensor, name: str) -> None:
@@ -52,15 +53,15 @@ class VariousDivergence(Criterion):
         self.label_smoothing = label_smoothing
         self.loss_combination = loss_combination
 
+    option_groups = (KDOptions,)
+
     @classmethod
-    def from_args(cls, args, dims: ModelDims, resources=None) -> "VariousDivergence":
-        return cls(kd_objective=args.kd_objective, kd_rate=args.kd_rate,
-                   kd_temperature=args.kd_temperature,
-                   tau_squared=getattr(args, "kd_temperature_scaling", False),
-                   label_smoothing=getattr(args, "label_smoothing", 0.0),
-                   loss_combination=getattr(args, "loss_combination", "published"),
-                   adaptive_kl_alpha=getattr(args, "adaptive_kl_alpha", 0.5),
-                   skew_lambda=getattr(args, "skew_lambda", 0.1))
+    def from_options(cls, options: CriterionOptions, dims: ModelDims, resources=None) -> "VariousDivergence":
+        kd = options[KDOptions]
+        return cls(kd_objective=kd.kd_objective, kd_rate=kd.kd_rate, kd_temperature=kd.kd_temperature,
+                   tau_squared=kd.kd_temperature_scaling, label_smoothing=kd.label_smoothing,
+                   loss_combination=kd.loss_combination, adaptive_kl_alpha=kd.adaptive_kl_alpha,
+                   skew_lambda=kd.skew_lambda)
 
     def forward(self, batch: dict[str, torch.Tensor], student: ModelView,
                 teacher: ModelView | None) -> CriterionOutput:

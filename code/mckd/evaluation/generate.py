@@ -1,6 +1,6 @@
 """Batched generation: length-sorted batches, left padding, KV cache, per-batch seeds.
 
-The published evaluation (spec 8.2) left-padded every prompt to 256 tokens and generated 256 new
+The published evaluation left-padded every prompt to 256 tokens and generated 256 new
 tokens with ``do_sample``, ``top_p=1.0``, ``top_k=0``, ``temperature=1.0`` and
 ``no_repeat_ngram_size=6``. Here prompts are grouped into batches of similar length (sorted by
 length, longest first, so an out-of-memory error shows up on the first batch), left-padded only to
@@ -19,6 +19,8 @@ import logging
 from typing import Iterable, Sequence
 
 import torch
+
+from mckd.models.access import unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +50,12 @@ def batch_seed(seed: int, batch_index: int) -> int:
     return (int(seed) * _SEED_STRIDE + int(batch_index)) % (2**63 - 1)
 
 
-def _unwrap(model):
-    """Return the module that owns ``generate`` (DDP / DeepSpeed engines hold it as ``.module``)."""
-    while not hasattr(model, "generate") and hasattr(model, "module"):
-        model = model.module
-    if not hasattr(model, "generate"):
-        raise TypeError(f"{type(model).__name__} has no generate(); pass a Hugging Face causal LM")
-    return model
+def generating_model(model):
+    """The module that owns ``generate`` (DDP / DeepSpeed wrappers stripped, a PEFT model kept)."""
+    net = unwrap_model(model, keep_peft=True)
+    if not hasattr(net, "generate"):
+        raise TypeError(f"{type(net).__name__} has no generate(); pass a Hugging Face causal LM")
+    return net
 
 
 def _device_of(model) -> torch.device:
@@ -147,7 +148,7 @@ def generate_batched(model, tokenizer, prompt_ids: list[list[int]], *, batch_siz
         prompt_ids: ``N`` prompts as token-id lists (already truncated, no padding).
         batch_size: prompts per ``generate`` call.
         max_new_tokens, do_sample, top_p, top_k, temperature, no_repeat_ngram_size: decoding options
-            (defaults: the published evaluation protocol, spec 8.2).
+            (defaults: the published evaluation protocol).
         seed: base seed; batch ``b`` (in length order) runs under ``batch_seed(seed, b)``. ``None``
             uses the current global RNG.
 
@@ -159,7 +160,7 @@ def generate_batched(model, tokenizer, prompt_ids: list[list[int]], *, batch_siz
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("generate_batched: empty prompt at index "
                          f"{next(i for i, p in enumerate(prompt_ids) if len(p) == 0)}")
-    net = _unwrap(model)
+    net = generating_model(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stop_ids = [tokenizer.eos_token_id]
     kw = generation_kwargs(max_new_tokens=max_new_tokens, do_sample=do_sample, top_p=top_p, top_k=top_k,

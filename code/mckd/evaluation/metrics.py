@@ -56,3 +56,13 @@ def compute_metrics(predictions: Sequence[str], references: Sequence[Sequence[st
     rl = sum(rouge_l(p, r) for p, r in zip(predictions, references)) / n
     em = sum(exact_match(p, r) for p, r in zip(predictions, references)) / n
     return {"rougeL": round(100 * rl, 4), "exact_match": round(100 * em, 4)}
+
+
+def token_nll(logits, labels, ignore_index: int = -100):
+    """Teacher-forced loss of each label token: the (B, T) cross-entropy of ``labels`` under
+    ``logits`` (B, T, V), computed in fp32, 0 where the label is ``ignore_index``. The dev
+    evaluation during training and the reference loss of ``code/evaluate.py`` both use it."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=ignore_index,
+                           reduction="none").view_as(labels)

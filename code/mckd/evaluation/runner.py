@@ -17,23 +17,24 @@ arrived exactly once, and writes.
 """
 from __future__ import annotations
 
+import argparse
 import filecmp
 import json
 import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from mckd.data.prompts import build_prompt_dataset
-from mckd.evaluation.distributed import DistContext
+from mckd.dist import DistContext
 from mckd.evaluation.generate import batch_seed, generate_one_batch, generation_kwargs, plan_batches
 from mckd.evaluation.loading import CheckpointError
-from mckd.evaluation.metrics import exact_match, rouge_l
+from mckd.evaluation.metrics import exact_match, rouge_l, token_nll
+from mckd.options import opt
 
 logger = logging.getLogger(__name__)
 
@@ -47,29 +48,52 @@ class EvalSetupError(RuntimeError):
     """A run that cannot start (missing data file, finished pairs with other settings)."""
 
 
+class _DatasetLimit(argparse.Action):
+    """``--dataset-limit DATASET=N`` (repeatable) into a ``{dataset: N}`` dict."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest) or {}), value[0]: value[1]})
+
+
+def _limit_pair(text: str) -> tuple[str, int]:
+    name, sep, num = text.rpartition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"--dataset-limit {text!r}: expected DATASET=N, e.g. uinst/11_=10000")
+    try:
+        return name, int(num)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--dataset-limit {text!r}: N must be an integer") from None
+
+
 @dataclass
 class EvalConfig:
-    """Everything one evaluation run needs; see ``code/evaluate.py --help`` for the flags."""
+    """Everything one evaluation run needs: the fields are the flags of ``code/evaluate.py run``."""
 
-    ckpt: str
-    data_dir: str
-    datasets: list[str] = field(default_factory=lambda: list(DEFAULT_DATASETS))
-    seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS))
-    base_model_path: str | None = None
-    out_dir: str | None = None
-    batch_size: int = 32
-    max_prompt_length: int = 256
-    max_new_tokens: int = 256
-    greedy: bool = False
-    top_p: float = 1.0
-    top_k: int = 0
-    temperature: float = 1.0
-    no_repeat_ngram_size: int = 6
-    limit: int = -1
-    limits: dict[str, int] = field(default_factory=dict)  # per-dataset caps (uinst: 10000)
-    lm_loss: bool = True
-    overwrite: bool = False
-    dtype: str = "auto"
+    ckpt: str | None = opt(None, "checkpoint directory: full HF model or LoRA adapter", required=True)
+    data_dir: str | None = opt(None, "folder holding <dataset>/valid.jsonl (evaluate.py: <repo>/data)")
+    datasets: list[str] = opt(list(DEFAULT_DATASETS), "datasets to evaluate", nargs="+")
+    seeds: list[int] = opt(list(DEFAULT_SEEDS), "sampling seeds (one pair per dataset and seed)",
+                           type=int, nargs="+")
+    base_model_path: str | None = opt(None, "base model of a LoRA adapter (default: $MODEL_PATH, "
+                                            "then adapter_config.json)")
+    out_dir: str | None = opt(None, "default <ckpt>/eval (greedy: <ckpt>/eval-greedy)")
+    batch_size: int = opt(32, "prompts per generate() call and process", flag="--eval-batch-size")
+    max_prompt_length: int = opt(256, "")
+    max_new_tokens: int = opt(256, "")
+    greedy: bool = opt(False, "greedy decoding (one pair per dataset)", action="store_true")
+    top_p: float = opt(1.0, "")
+    top_k: int = opt(0, "")
+    temperature: float = opt(1.0, "")
+    no_repeat_ngram_size: int = opt(6, "")
+    limit: int = opt(-1, "evaluate the first N examples of each set (-1: all)", flag="--dev-num")
+    limits: dict[str, int] = opt({}, "per-dataset cap DATASET=N (the published scripts cap "
+                                     "uinst/11_ at 10000)", flag="--dataset-limit",
+                                 action=_DatasetLimit, type=_limit_pair)
+    lm_loss: bool = opt(True, "skip the teacher-forced loss on the reference", flag="--no-lm-loss",
+                        action="store_false")
+    overwrite: bool = opt(False, "redo pairs that are already finished", action="store_true")
+    dtype: str = opt("auto", "auto (fp32 on CPU, bf16/fp16 on GPU), fp32, bf16, fp16",
+                     choices=("auto", "fp32", "bf16", "fp16"))
 
     def resolved_out_dir(self) -> Path:
         if self.out_dir:
@@ -120,7 +144,7 @@ def load_prompt_set(path: Path, name: str, tokenizer, max_prompt_length: int, li
 
 def teacher_forced_loss(model, prompt_ids: list[list[int]], answer_ids: list[list[int]], *, pad_id: int,
                         device: torch.device, chunk: int = 8) -> list[float]:
-    """Per-example mean cross-entropy of the reference answer given the prompt (spec 8.2 step 1).
+    """Per-example mean cross-entropy of the reference answer given the prompt.
 
     Prompts are left-padded to a common width ``P`` and answers right-padded to ``A``, so every
     answer starts at position ``P`` and only the last ``A + 1`` logits are needed
@@ -145,9 +169,7 @@ def teacher_forced_loss(model, prompt_ids: list[list[int]], answer_ids: list[lis
         ids, mask, pos, labels = ids.to(device), mask.to(device), pos.to(device), labels.to(device)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=A + 1).logits
-        logits = logits[:, :A].float()  # (b, A, V): position P-1+j predicts answer token j
-        tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                              reduction="none").view_as(labels)  # (b, A)
+        tok = token_nll(logits[:, :A], labels)  # (b, A): position P-1+j predicts answer token j
         n = (labels != -100).sum(1)
         per = tok.sum(1) / n.clamp_min(1)
         out.extend(torch.where(n > 0, per, torch.full_like(per, math.nan)).tolist())
@@ -195,7 +217,7 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 
 def summarize(records: list[dict]) -> dict:
-    """Corpus metrics from per-example records: mean x 100 rounded to 4 decimals (spec 8.3)."""
+    """Corpus metrics from per-example records: mean x 100 rounded to 4 decimals."""
     n = len(records)
     if n == 0:
         return {"rougeL": 0.0, "exact_match": 0.0, "avg_gen_len": 0.0, "n": 0}

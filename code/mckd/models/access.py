@@ -3,26 +3,32 @@
 Handles GPT-2, Qwen2, LLaMA, Mistral and OPT causal LMs (any Hugging Face ``PreTrainedModel``
 with ``get_input_embeddings``/``get_output_embeddings``), also when wrapped by PEFT
 (``PeftModel``), DDP / DeepSpeed (``.module``) or ``torch.compile`` (``._orig_mod``), in any nesting.
-The published DSKD code probed attribute paths per family and broke for GPT-2 teachers and OPT
-(spec D1); asking the model itself does not.
+The published DSKD code probed attribute paths per family and broke for GPT-2 teachers and OPT;
+asking the model itself does not.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from mckd.criteria.base import ModelView
+from mckd.models.view import ModelView
 
 
 def _is_hf_model(model: nn.Module) -> bool:
     return hasattr(model, "get_input_embeddings") and hasattr(model, "config")
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module, *, keep_peft: bool = False) -> nn.Module:
     """Strip DDP/DeepSpeed (``.module``), ``torch.compile`` (``._orig_mod``) and PEFT wrappers.
 
+    Args:
+        model: the model, wrapped in any nesting.
+        keep_peft: stop at a PEFT model (the one that owns ``generate`` and ``save_pretrained`` of
+            the adapter) instead of stripping it.
+
     Returns:
-        The innermost Hugging Face model (for PEFT: the base model, LoRA layers still inside).
+        The innermost Hugging Face model (for PEFT: the base model, LoRA layers still inside), or
+        the PEFT model with ``keep_peft``.
     """
     seen = set()
     while id(model) not in seen:
@@ -32,7 +38,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = orig
             continue
         get_base = getattr(model, "get_base_model", None)
-        if callable(get_base) and type(model).__name__.startswith("Peft"):
+        if not keep_peft and callable(get_base) and type(model).__name__.startswith("Peft"):
             model = get_base()
             continue
         inner = getattr(model, "module", None)

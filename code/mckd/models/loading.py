@@ -2,7 +2,7 @@
 
 * The family (gpt2, qwen2, llama, mistral, opt, ...) is read from ``config.json``, never from the
   path or a flag; a ``--model-type`` given on the command line is only checked against it.
-* Weights are loaded once, in the dtype they will be used in (spec D11): the plain-torch engine
+* Weights are loaded once, in the dtype they will be used in: the plain-torch engine
   keeps fp32 master weights for the student; DeepSpeed and the teacher load in the training dtype.
 * The teacher is frozen (``requires_grad=False``), in eval mode, optionally with a LoRA adapter
   merged in; the loop runs it under ``torch.no_grad()``.
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mckd.criteria.base import ModelDims, ModelView
+from mckd.models.view import ModelDims, ModelView
 from mckd.models.tokenizers import TokenizerLoadError, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -186,13 +186,6 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
-    return model
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """Strip DDP / DeepSpeed (``.module``) wrappers (PEFT models are kept)."""
-    while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module):
-        model = model.module
     return model
 
 

@@ -1,6 +1,6 @@
 """Projectors between student and teacher spaces, built from ``configs/projector_config.json``.
 
-The JSON maps a projector name to ``{"enabled": bool, "structure": str}`` (spec 4.3). A structure
+The JSON maps a projector name to ``{"enabled": bool, "structure": str}``. A structure
 is a dash-separated chain of sizes and activations:
 
 * a size is ``[coef]{s|t|p}``: ``s`` = student hidden size, ``t`` = teacher hidden size (both
@@ -11,13 +11,13 @@ is a dash-separated chain of sizes and activations:
   ``Linear(s, 2s), ReLU, Linear(2s, t)``; a trailing ``relu`` ends with a ReLU.
 
 Deliberate difference: the published parser turned ``s-relu-t`` into ``[ReLU, Linear(s, t)]``, a
-ReLU on the raw *input* (spec 4.3 quirk). No shipped config uses it and it is almost certainly a
+ReLU on the raw *input*. No shipped config uses it and it is almost certainly a
 mistake, so a ``relu`` right after the input size is an error here.
 
 Only the projectors a criterion asks for are built (the published code built every enabled one,
 e.g. the unused ``cproj_*``, and gave them to the optimizer). Warm-starting from a
 ``projector.pt`` matches parameter names exactly per projector (the published prefix match let
-``t`` capture ``t2s.*``, spec D7) and fails on a shape mismatch instead of skipping silently.
+``t`` capture ``t2s.*``) and fails on a shape mismatch instead of skipping silently.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Tokenizer loading with the pad/eos rules of the published code, derived rather than hard-coded.
 
-Rules (spec section 3.4, generalised):
+Rules:
 * eos: the tokenizer's own eos token; if it has none, the model config's ``eos_token_id``.
   (For Qwen1.5 this is ``<|endoftext|>`` = 151643, which the published code forced by id.)
 * pad: the tokenizer's pad token if it has one, else eos (every published family does pad := eos).

@@ -18,11 +18,10 @@ import logging
 import math
 
 import torch
-import torch.nn.functional as F
 
 from mckd import dist
 from mckd.data.batch import IGNORE_INDEX
-from mckd.evaluation.metrics import compute_metrics
+from mckd.evaluation.metrics import compute_metrics, token_nll
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +65,7 @@ def teacher_forced(module, dataset, collator, *, batch_size: int, device, autoca
                                 use_cache=False).logits
             labels = batch["labels"]
             mask = labels != IGNORE_INDEX
-            nll = F.cross_entropy(logits.float().flatten(0, 1), labels.clamp_min(0).flatten(),
-                                  reduction="none").view_as(labels)
+            nll = token_nll(logits, labels, IGNORE_INDEX)
             correct = (logits.argmax(-1) == labels) & mask
             sums += weight * torch.stack([(nll * mask).sum().double(), correct.sum().double(),
                                           mask.sum().double()])

@@ -27,6 +27,7 @@ from torch import nn
 
 from mckd import dist
 from mckd.criteria.base import Criterion, CriterionOutput
+from mckd.models.access import unwrap_model
 from mckd.models.loading import model_view
 
 logger = logging.getLogger(__name__)
@@ -37,10 +38,7 @@ MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
 def model_inputs(model: nn.Module, batch: dict, prefix: str = "") -> dict:
     """The keyword inputs of an HF forward from a batch (``teacher_`` prefix for the teacher).
     ``position_ids`` is passed only when the model's forward accepts it."""
-    base = model
-    while hasattr(base, "module") and isinstance(base.module, nn.Module):
-        base = base.module
-    fwd = getattr(base, "get_base_model", lambda: base)().forward
+    fwd = unwrap_model(model).forward
     accepts = inspect.signature(fwd).parameters
     out = {}
     for k in MODEL_INPUT_KEYS:

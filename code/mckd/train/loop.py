@@ -40,6 +40,7 @@ from mckd import dist
 from mckd.config import (Config, ConfigError, finalize, load_deepspeed_json, resume_changes,
                          write_args_json)
 from mckd.criteria.base import CriterionResources, get_criterion_class
+from mckd.criteria.options import KDOptions
 from mckd.data.batch import IGNORE_INDEX
 from mckd.models import loading
 from mckd.train import checkpoint as ckpt_io
@@ -94,7 +95,6 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.ns = cfg.namespace()
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
@@ -254,9 +254,9 @@ class Trainer:
         dims = loading.read_dims(m.model_path, self.teacher_source.config_path)
         resources = CriterionResources(student_tokenizer=self.tokenizer,
                                        teacher_tokenizer=self.teacher_tokenizer,
-                                       projector_config_path=self.cfg.criterion_args.get("projector_config_path"),
+                                       projector_pretraining=self.cfg.train.only_save_projector,
                                        student_model=self.student, teacher_model=self.teacher)
-        self.criterion = self.crit_cls.from_args(self.ns, dims, resources)
+        self.criterion = self.crit_cls.from_options(self.cfg.criterion_options, dims, resources)
         self.teacher_source.check_criterion(self.criterion)
         self.cfg.derived["model_dims"] = vars(dims)
         self.cfg.derived["student_family"] = self.family
@@ -300,7 +300,7 @@ class Trainer:
         t = self.cfg.train
         module = DistillModule(self.student, self.criterion)
         groups = optim.param_groups(self.student, self.criterion, lr=t.lr, weight_decay=t.weight_decay,
-                                    projector_lr=self.cfg.criterion_args.get("projector_lr"))
+                                    projector_lr=self.cfg.criterion_options[KDOptions].projector_lr)
         opt = optim.build_optimizer(groups)
         sched = optim.build_scheduler(opt, total=self.total_steps, warmup=t.warmup_iters,
                                       style=t.lr_decay_style, lr=t.lr, lr_min=t.lr_min)

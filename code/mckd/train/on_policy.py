@@ -186,9 +186,9 @@ class OnPolicyBatches:
     def sample(self, model, batch: dict[str, torch.Tensor], seed: int
                ) -> tuple[list[list[int]], list[bool]]:
         """Sampled response ids (eos excluded) and whether each row generated its eos."""
-        from mckd.evaluation.generate import _unwrap, generate_one_batch
+        from mckd.evaluation.generate import generate_one_batch, generating_model
 
-        net = _unwrap(model)
+        net = generating_model(model)
         was_training = net.training
         net.eval()
         try:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from mckd import dist
-from mckd.criteria.base import ModelView
+from mckd.models.view import ModelView
 from mckd.data.batch import TEACHER_PREFIX
 from mckd.models import loading
 

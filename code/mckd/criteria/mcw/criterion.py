@@ -1,17 +1,17 @@
-"""``mcw_kd``: Multi-Cost Wasserstein KD (spec section 7; DESIGN section 4).
+"""``mcw_kd``: Multi-Cost Wasserstein KD.
 
     loss_sum = CE_sum + kd_rate * KD_CMA_sum + w_logits * OT_logits + w_hidden * OT_hidden
 
 * ``CE_sum``: token-summed cross-entropy of the student (weight 1 as published; ``--loss-combination
   interpolate`` gives ``(1 - kd_rate) * CE``).
-* ``KD_CMA_sum``: the DSKD-CMA objective (spec 6.3), computed by the shared pure function
+* ``KD_CMA_sum``: the DSKD-CMA objective, computed by the shared pure function
   :func:`mckd.criteria.dual_space_kd_with_cma.cma_losses` with this criterion's ``query``/``s2t``/
   ``t2s`` projectors and the shared ``--kd-*``/``--cma-*`` options (``--cma-normalization published``
   for the published scaling).
 * ``--mcw-exact-kl-weight w`` (``--exact-align``: w = 1) adds ``w * sum KL`` over the exactly aligned
   label positions, the teacher's distribution read in the student vocabulary through the
   shared-string map (:mod:`mckd.criteria.exact_kl`); off in both presets.
-* ``OT_logits`` / ``OT_hidden``: batched multi-cost Sinkhorn terms (:mod:`mckd.criteria.mcw_ot`).
+* ``OT_logits`` / ``OT_hidden``: batched multi-cost Sinkhorn terms (:mod:`mckd.criteria.mcw.ot`).
   Scaling (``--mcw-ot-scaling``): ``per_example`` adds ``mean_b OT_b`` (published; after the loop's
   division by the label-token count its weight is ~1/350 of CE's) and ``per_token`` adds
   ``sum_b n_b OT_b`` with ``n_b`` the label tokens of example ``b`` (after the division: the
@@ -19,7 +19,7 @@
 
 Trainable parts (sub-modules, optimised in the projector-lr group, saved in checkpoints): the ``ot``
 projector (teacher hidden -> student space), the salience head ``Linear(D_s, 1)`` and the CMA
-projectors. Buffers (saved and restored): the two cost-weight vectors (rule: :mod:`mcw_weights`) and
+projectors. Buffers (saved and restored): the two cost-weight vectors (rule: :mod:`mckd.criteria.mcw.weights`) and
 the schedule position ``progress = [optimizer step, total steps]``.
 """
 from __future__ import annotations
@@ -30,16 +30,17 @@ from typing import Callable
 import torch
 from torch import nn
 
-from mckd.criteria.base import Criterion, CriterionOutput, ModelView, register_criterion
+from mckd.criteria.base import Criterion, CriterionOutput, CriterionResources, ModelDims, ModelView, register_criterion
 from mckd.criteria.common import (combine_losses, count_tokens, cross_entropy_sum, is_on_policy, label_mask,
                                   require_hidden, teacher_input_ids, teacher_labels)
 from mckd.criteria.divergences import get_divergence
-from mckd.criteria.dual_space_kd_with_cma import CMA_PROJECTORS, cma_kwargs_from_args, cma_losses
+from mckd.criteria.dual_space_kd_with_cma import CMA_PROJECTORS, CMAOptions, cma_kwargs, cma_losses
 from mckd.criteria.exact_kl import exact_vocab_kl
-from mckd.criteria.mcw_ot import (aligned_student_index, alignment_cost, cost_statistics, hidden_costs,
+from mckd.criteria.mcw.ot import (aligned_student_index, alignment_cost, cost_statistics, hidden_costs,
                                   interpolation_weight, logit_costs, multi_cost_ot, topk_distributions)
-from mckd.criteria.mcw_presets import MCWOptions, add_mcw_args, options_from_args
-from mckd.criteria.mcw_weights import simplex_qp_weights
+from mckd.criteria.mcw.presets import MCWOptions
+from mckd.criteria.mcw.weights import simplex_qp_weights
+from mckd.criteria.options import CriterionOptions, KDOptions
 from mckd.models.projectors import build_projectors, load_projector_weights, run_projector
 from mckd.ot.costs import span_iou_cost
 
@@ -125,17 +126,16 @@ class MCWKD(Criterion):
         return self.projectors["ot"]
 
     # ------------------------------------------------------------------ construction from the CLI
-    @classmethod
-    def add_args(cls, parser) -> None:
-        add_mcw_args(parser)
+    option_groups = (KDOptions, CMAOptions, MCWOptions)
 
     @classmethod
-    def from_args(cls, args, dims, resources=None) -> "MCWKD":
+    def from_options(cls, options: CriterionOptions, dims: ModelDims,
+                     resources: CriterionResources | None = None) -> "MCWKD":
         if dims.teacher_hidden is None:
             raise ValueError("mcw_kd: needs a teacher (--teacher-model-path); teacher hidden size unknown")
-        kw = cma_kwargs_from_args(args, resources)
+        kw = cma_kwargs(options, resources)
         kw.pop("projector_pretraining", None)
-        options = options_from_args(args)
+        options = options[MCWOptions]
         if options.exact_kl_weight > 0:
             from mckd.criteria.dual_space_kd_v2 import shared_map_tensor
 
@@ -224,7 +224,7 @@ class MCWKD(Criterion):
                     marginal_error=torch.maximum(ot_l.result.marginal_error, ot_h.result.marginal_error))
 
     def cma_terms(self, batch: dict[str, torch.Tensor], student: ModelView, teacher: ModelView):
-        """The DSKD-CMA terms (token sums) with this criterion's projectors (spec 6.3)."""
+        """The DSKD-CMA terms (token sums) with this criterion's projectors."""
         return cma_losses(
             student_logits=student.logits, student_hidden=require_hidden(student, "student", "mcw_kd"),
             teacher_logits=teacher.logits, teacher_hidden=require_hidden(teacher, "teacher", "mcw_kd"),

@@ -1,10 +1,10 @@
 """MCW-KD options, the two presets (``reference`` and ``default``) and their command-line flags.
 
-Every constant the published code hard-codes is a named option here (spec 7.1, 14.4). A preset
+Every constant the published code hard-codes is a named option here. A preset
 fills all of them; any single flag given on the command line overrides the preset's value
 (``--mcw-preset reference --mcw-sinkhorn-iters 50`` is the published method with 50 iterations).
 
-``reference`` reproduces the published formulas (spec 7.2-7.6) on identical inputs: attention-mask
+``reference`` reproduces the published formulas on identical inputs: attention-mask
 positions, ETP with alpha 0.1 (eps = 10) and 100 unrolled iterations, position-wise interpolation
 with non-detached student values, the edit-distance DTW alignment cost, OT terms added as
 per-example means (so the loop's division by the label-token count scales them by ~1/350),
@@ -19,9 +19,10 @@ the OT terms, and the scale-free plan-ratio statistic with momentum for the weig
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
-from mckd.criteria.mcw_weights import WEIGHT_STATISTICS, check_initial_weights
+from mckd.criteria.mcw.weights import WEIGHT_STATISTICS, check_initial_weights
+from mckd.criteria.options import OptionGroup
 from mckd.ot.sinkhorn import GRAD_MODES
 
 PRESETS = ("reference", "default")
@@ -33,7 +34,7 @@ OT_SCALINGS = ("per_example", "per_token")
 
 
 @dataclass(frozen=True)
-class MCWOptions:
+class MCWOptions(OptionGroup):
     """Every MCW-KD hyper-parameter (flag names in brackets).
 
     Attributes:
@@ -59,7 +60,7 @@ class MCWOptions:
         weights_logits: initial weights of (L2, KL, salience).
         weights_hidden: initial weights of (alignment, context L2, context cosine).
         update_interval: optimizer steps between cost-weight updates (0: never).
-        weight_statistic: "mean_cost" (published) or "plan_ratio" (see mcw_weights).
+        weight_statistic: "mean_cost" (published) or "plan_ratio" (see mckd.criteria.mcw.weights).
         weight_momentum: new = m * old + (1 - m) * QP solution (published 0).
         qp_sigma: proximal weight of the QP (published 2.0). qp_floor: minimum weight (0.01).
         exact_kl_weight: weight of a direct KL in the student vocabulary on exactly aligned label
@@ -90,6 +91,21 @@ class MCWOptions:
     qp_sigma: float = 2.0
     qp_floor: float = 0.01
     exact_kl_weight: float = 0.0
+
+    # flags: --mcw-preset and one --mcw-<option> per field, None meaning "the preset's value"
+    @classmethod
+    def add_args(cls, parser) -> None:
+        add_mcw_args(parser)
+
+    @classmethod
+    def from_values(cls, values: dict) -> "MCWOptions":
+        return options_from_values(values)
+
+    def values(self) -> dict:
+        """Every option as its ``mcw_<option>`` destination: read back by
+        :func:`options_from_values` whatever the preset, so a saved run relaunches with exactly
+        these options."""
+        return {f"mcw_{k}": list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     def validate(self) -> "MCWOptions":
         def bad(flag, msg):
@@ -145,8 +161,6 @@ def preset(name: str, **overrides) -> MCWOptions:
     return replace(_PRESET_VALUES[name], **overrides).validate()
 
 
-_HELP = {f.name: f.name for f in fields(MCWOptions)}
-
 
 def _bool(s: str) -> bool:
     if s.lower() in ("1", "true", "yes", "on"):
@@ -180,13 +194,15 @@ def add_mcw_args(parser) -> None:
                         "KL in the student vocabulary on top of the OT terms")
 
 
-def options_from_args(args) -> MCWOptions:
-    """Preset named by ``args.mcw_preset`` with every explicitly given ``--mcw-*`` flag applied."""
+def options_from_values(values: dict) -> MCWOptions:
+    """Preset named by ``values["mcw_preset"]`` (default ``default``) with every given
+    ``mcw_<option>`` value (not None) applied; ``mcw_exact_align`` sets ``exact_kl_weight`` 1.0
+    unless that is given."""
     overrides = {}
-    if getattr(args, "mcw_exact_align", False) and getattr(args, "mcw_exact_kl_weight", None) is None:
+    if values.get("mcw_exact_align") and values.get("mcw_exact_kl_weight") is None:
         overrides["exact_kl_weight"] = 1.0
     for f in fields(MCWOptions):
-        v = getattr(args, f"mcw_{f.name}", None)
+        v = values.get(f"mcw_{f.name}")
         if v is not None:
             overrides[f.name] = tuple(v) if isinstance(f.default, tuple) else v
-    return preset(getattr(args, "mcw_preset", None) or "default", **overrides)
+    return preset(values.get("mcw_preset") or "default", **overrides)

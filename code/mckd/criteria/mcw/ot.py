@@ -1,14 +1,14 @@
-"""MCW-KD's two multi-cost OT terms as pure, batched tensor functions (spec 7.3, 7.4).
+"""MCW-KD's two multi-cost OT terms as pure, batched tensor functions.
 
 Rows of every transport problem are teacher positions (``M = T_t``), columns student positions
 (``N = T_s``); which positions take part is given by the masks (padding and excluded positions carry
 no mass), so one batched Sinkhorn call solves all examples at once.
 
-Logit level (spec 7.3): the top-``K`` logit values of student and teacher (ranks only, the token
+Logit level: the top-``K`` logit values of student and teacher (ranks only, the token
 identities are dropped as in ULD), an interpolated teacher ``(1 - t) s + t t`` and softmax at
 temperature ``tau``; costs L2 and KL between the rank distributions and the salience difference.
 
-Hidden level (spec 7.4): the teacher's last hidden state projected to the student space (``ot``
+Hidden level: the teacher's last hidden state projected to the student space (``ot``
 projector) against the student's; costs alignment (published DTW edit cost or 1 - IoU of the
 character spans), context L2 (divided by its per-example max) and context cosine distance, on
 context means over windows of ``2 w + 1`` tokens.
@@ -28,7 +28,7 @@ from mckd.ot.sinkhorn import SinkhornResult, relative_epsilon, sinkhorn
 def interpolation_weight(step: int, total_steps: int, start: float = 0.1) -> float:
     """Teacher share of the interpolated target: ``t = start + (1 - start) * min(step / total, 1)``.
 
-    ``step`` counts optimizer steps (the published code counted micro-batches, spec M8).
+    ``step`` counts optimizer steps (the published code counted micro-batches).
     """
     frac = min(step / total_steps, 1.0) if total_steps and total_steps > 0 else 0.0
     return start + (1.0 - start) * max(frac, 0.0)

@@ -1,6 +1,6 @@
 """MCW-KD cost weights: the closed-form solution of the published QP and its update rule.
 
-The published method (spec 7.6) re-weights the three costs of each OT family by solving, every
+The published method re-weights the three costs of each OT family by solving, every
 ``update_interval`` optimizer steps,
 
     minimise_alpha  c . alpha + sigma * ||alpha - 1/K||^2   s.t.  sum(alpha) = 1,  alpha >= floor
