@@ -6,7 +6,7 @@ Usage::
     python scripts/lib/find_checkpoint.py <dir> [<dir> ...]
 
 The directories are searched recursively for checkpoints of ``code/distillation.py``; the best
-one is :func:`mckd.train.checkpoint.best_checkpoint`'s: the highest dev ROUGE-L in its
+one is :func:`mckd.train.layout.best_checkpoint`'s: the highest dev ROUGE-L in its
 ``trainer_state.json``, without ROUGE-L the lowest dev loss, without either the highest step of
 the most recently modified run; one whose dev metrics are not finite is never returned. Exit
 status 1 and nothing on stdout when there is none.
@@ -23,7 +23,7 @@ def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__, file=sys.stderr)
         return 2
-    from mckd.train.checkpoint import best_checkpoint
+    from mckd.train.layout import best_checkpoint
 
     best = best_checkpoint(argv)
     if best is None:
