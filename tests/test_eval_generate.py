@@ -103,8 +103,9 @@ def test_wrapped_model_and_input_order(tiny_models):
 def test_teacher_forced_loss_matches_unpadded_loop(tiny_models, family):
     model, tok = _load(tiny_models(family))
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(10, 1000, (n,), generator=g).tolist() for n in (7, 3, 12, 5)]
-    answers = [torch.randint(10, 1000, (n,), generator=g).tolist() for n in (4, 9, 1, 0)]
+    top = min(1000, model.config.vocab_size)
+    prompts = [torch.randint(10, top, (n,), generator=g).tolist() for n in (7, 3, 12, 5)]
+    answers = [torch.randint(10, top, (n,), generator=g).tolist() for n in (4, 9, 1, 0)]
     got = teacher_forced_loss(model, prompts, answers, pad_id=tok.pad_token_id, device=torch.device("cpu"), chunk=3)
     for p, a, val in zip(prompts, answers, got):
         if not a:

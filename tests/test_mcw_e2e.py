@@ -75,7 +75,8 @@ def test_gpt2_from_qwen_trains_and_resume_restores_criterion_state(tmp_path, tin
 
 
 def test_tinyllama_from_mistral_lora_deepspeed_reference_preset(tmp_path, tiny_models, data):
-    student, teacher = tiny_models("tinyllama"), tiny_models("mistral", seed=1)
+    # the real vocabularies: on the stand-ins' word data both tokenizers cut alike (edit cost 0)
+    student, teacher = tiny_models("tinyllama", real=True), tiny_models("mistral", real=True, seed=1)
     save = tmp_path / "ds"
     _run(_argv(student, teacher, data, save, "--total-iters", "2", "--peft", "lora", "--peft-lora-r", "4",
                "--gradient-accumulation-steps", "2", "--mcw-preset", "reference", "--mcw-update-interval", "1",

@@ -334,7 +334,7 @@ def test_tiny_run_end_to_end(tmp_path):
         args = json.loads((Path(r["ckpt"]).parent / "args.json").read_text())
         want = "teacher" if r["method"] == "teacher" else ""
         assert args["data"]["data_dir"] == str(copy / "data" / "tiny" / want).rstrip("/")
-        assert (Path(r["ckpt"]) / "eval" / "results.json").is_file()
+        assert (Path(r["ckpt"]) / "eval-n4" / "results.json").is_file()   # a 4-prompt subset
     kd_args = json.loads((out / "run/mcw_kd/seed1/args.json").read_text())
     assert kd_args["model"]["teacher_model_path"].startswith(str(out / "teacher/sft/run"))
     # a second call reuses every stage and evaluation and only re-prints the table
