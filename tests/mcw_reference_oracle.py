@@ -13,7 +13,7 @@ import torch
 
 
 def etp(cost: torch.Tensor, alpha: float = 0.1, n_iters: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
-    """The published ``ETP`` solver (spec 6.7): uniform marginals, ``K = exp(-alpha C)``,
+    """The published ``ETP`` solver: uniform marginals, ``K = exp(-alpha C)``,
     ``v = b / (K^T u + 1e-9)``, ``u = a / (K v + 1e-9)``, ``u`` starting at ``1/M``.
 
     Args:
@@ -62,7 +62,7 @@ def interpolated_topk(student_logits, teacher_logits, k: int, t: float, tau: flo
 
 def published_ot_logits(student_logits, teacher_logits, h_s, h_t, s_mask, t_mask, ot_projector, salience_head,
                         weights, *, k: int, t: float, tau: float = 2.0, alpha: float = 0.1, n_iters: int = 100):
-    """``compute_ot_logits`` (spec 7.3) as a loop over examples. Returns (mean over B, per-example list)."""
+    """``compute_ot_logits`` (the published logit-space OT term) as a loop over examples. Returns (mean over B, per-example list)."""
     P_s, P_t = interpolated_topk(student_logits, teacher_logits, k, t, tau)
     per = []
     for b in range(student_logits.shape[0]):
@@ -81,7 +81,7 @@ def published_ot_logits(student_logits, teacher_logits, h_s, h_t, s_mask, t_mask
 
 def published_ot_hidden(h_s, h_t, s_mask, t_mask, ot_projector, dtw_costs, weights, *, window: int = 4,
                         alpha: float = 0.1, n_iters: int = 100):
-    """``compute_ot_hidden`` (spec 7.4) as a loop over examples.
+    """``compute_ot_hidden`` (the published hidden-space OT term) as a loop over examples.
 
     Args:
         dtw_costs: per example the (M, N) edit-distance DTW cost over the masked positions.
@@ -102,7 +102,7 @@ def published_ot_hidden(h_s, h_t, s_mask, t_mask, ot_projector, dtw_costs, weigh
 
 
 def published_qp(costs, sigma: float = 2.0, floor: float = 0.01):
-    """The cost-weight QP (spec 7.6) solved from its KKT conditions by bisection on the multiplier:
+    """The cost-weight QP solved from its KKT conditions by bisection on the multiplier:
     ``alpha_i = max(floor, 1/K - (c_i + nu) / (2 sigma))`` with ``nu`` such that ``sum alpha = 1``
     (a different algorithm from the library's sort-based projection)."""
     c = [float(x) for x in costs]

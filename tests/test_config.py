@@ -114,7 +114,7 @@ def test_precision_follows_deepspeed_json_unless_given(tmp_path):
     ds.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
     cfg = parse_config(_argv(tmp_path, "--deepspeed", "--deepspeed_config", str(ds)))
     assert cfg.train.precision == "bf16" and cfg.derived["zero_stage"] == 2
-    assert cfg.derived["student_load_dtype"] == "bf16"  # loaded once in the training dtype (D11)
+    assert cfg.derived["student_load_dtype"] == "bf16"  # loaded once in the training dtype
     cfg = parse_config(_argv(tmp_path, "--deepspeed", "--deepspeed_config", str(ds), "--precision", "fp32"))
     assert cfg.train.precision == "fp32"
     cfg = parse_config(_argv(tmp_path, "--precision", "bf16"))  # plain torch: fp32 master + autocast

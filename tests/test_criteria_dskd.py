@@ -238,7 +238,7 @@ def test_padding_never_changes_the_value(name, kw, same):
 
 
 def test_cma_published_normalization_depends_on_padding():
-    """Documented published defect (spec 14.2.12): one std over the padded tensor."""
+    """Documented published defect: one std over the padded tensor."""
     pair = Pair(7)
     s, t = pair.views()
     crit = _build("dual_space_kd_with_cma", normalization="published")

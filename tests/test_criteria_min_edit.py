@@ -1,5 +1,5 @@
 """min_edit_dis_kld: the criterion battery (STYLE.md item 9) against a per-position loop oracle
-written from spec 6.5, plus construction from the CLI options."""
+written from the published MinED formulas, plus construction from the CLI options."""
 from __future__ import annotations
 
 import math
@@ -20,7 +20,7 @@ def view(logits: torch.Tensor) -> ModelView:
     return ModelView(logits=logits, hidden=None, embed_tokens=nn.Identity(), lm_head=nn.Identity())
 
 
-# --------------------------------------------------------------------------- oracle (spec 6.5)
+# --------------------------------------------------------------------------- oracle (published MinED formulas)
 def oracle_loss(student_logits, teacher_logits, batch, tea2stu, kd_rate, tau, tau_squared=False,
                 combination="interpolate"):
     """Per-example, per-position loop: the published algorithm written plainly."""

@@ -20,7 +20,7 @@ def _logits(*shape, seed=0, scale=3.0, dtype=torch.float32):
 
 # ------------------------------------------------------------------ spec-formula oracles (loops)
 def _oracle(name, zs, zt, tau=1.0, tau_t=1.0, alpha=0.5, lam=0.1):
-    """Per-token value straight from spec 6.1, one position at a time, float64."""
+    """Per-token value straight from the divergence's formula, one position at a time, float64."""
     out = torch.zeros(zs.shape[:-1], dtype=torch.float64)
     for idx in itertools.product(*map(range, zs.shape[:-1])):
         p = torch.softmax(zs[idx].double() / tau, -1)

@@ -1,4 +1,4 @@
-"""ROUGE-L / exact match on hand-checked cases, and corpus aggregation (spec 8.3)."""
+"""ROUGE-L / exact match on hand-checked cases, and corpus aggregation (the published protocol)."""
 from __future__ import annotations
 
 import re
@@ -61,7 +61,7 @@ def test_punctuation_and_case_are_ignored():
 def test_empty_prediction_and_non_latin_score_zero():
     assert rouge_l("", ["a reference answer"]) == 0.0
     assert rouge_l("   ", ["a reference answer"]) == 0.0
-    # The default rouge-score tokenizer keeps only [a-z0-9]: non-Latin text scores 0 (spec 8.3).
+    # The default rouge-score tokenizer keeps only [a-z0-9]: non-Latin text scores 0.
     assert rouge_l("你好世界", ["你好世界"]) == 0.0
 
 

@@ -56,7 +56,7 @@ def test_disabled_projector_is_an_error(tmp_path):
 def test_warm_start_exact_names_and_shape_errors(tmp_path):
     src = build_projectors(("t2s", "s2t"), 4, 6)
     state = {f"projectors.{k}": v for k, v in src.state_dict().items()}
-    # a projector named like a prefix of another must not capture its weights (spec D7)
+    # a projector named like a prefix of another must not capture its weights
     state["t.0.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "projector.pt")
     dst = build_projectors(("t2s", "s2t", "query"), 4, 6)
