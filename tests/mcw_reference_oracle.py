@@ -1,5 +1,5 @@
-"""Per-example loop oracle of the PUBLISHED MCW-KD OT math, written from the spec (sections 6.7,
-7.3, 7.4), for tests and the benchmark. Deliberately literal and slow: Python loops over examples
+"""Per-example loop oracle of the PUBLISHED MCW-KD OT math, written from its formulas (the ETP
+solver and the logit- and hidden-space OT terms), for tests and the benchmark. Deliberately literal and slow: Python loops over examples
 and positions, a full-vocabulary sort, the (M, N, K) KL tensor and the scaling-form ETP solver.
 
 Differences from the published code that are not about the math (both sides of the comparison

@@ -1,8 +1,8 @@
 """Test battery for cross_entropy, various_divergence, dual_space_kd and dual_space_kd_with_cma.
 
 Models are stand-ins (random embedding tables, heads, hidden states): the criteria never call a
-model, so only the tensors matter. Oracles loop over examples and positions with the spec's
-formulas (6.1-6.3) in float64.
+model, so only the tensors matter. Oracles loop over examples and positions with the published
+formulas (divergences, DSKD and its CMA variant) in float64.
 """
 from __future__ import annotations
 

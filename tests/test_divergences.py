@@ -1,4 +1,4 @@
-"""Divergences and shared helpers: references from torch.nn.functional and the spec's formulas."""
+"""Divergences and shared helpers: references from torch.nn.functional and the published formulas."""
 from __future__ import annotations
 
 import itertools

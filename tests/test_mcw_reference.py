@@ -1,4 +1,4 @@
-"""The ``reference`` preset of mcw_kd reproduces the published OT formulas (loop oracle from the spec)."""
+"""The ``reference`` preset of mcw_kd reproduces the published OT formulas (a per-example loop oracle of those formulas)."""
 from __future__ import annotations
 
 import pytest
