@@ -24,6 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MCKD_SHARED", ROOT.parent / "shared"))
 sys.path.insert(0, str(ROOT / "code"))  # mckd and the entry points
+# the launchers (deepspeed, torchrun) of this interpreter's environment, also when it is not activated
+os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
 
 # The suite runs on 2 cores: keep intra-op threads low so parallel work does not thrash.
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
