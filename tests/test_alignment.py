@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import shared_path
 from mckd.data import DistillCollator, build_dataset
 from mckd.data import alignment as al
 
@@ -120,13 +119,16 @@ def toks(any_tokenizer):
     return any_tokenizer
 
 
-PAIRS = [("tiny-gpt2", "tiny-qwen"), ("tiny-tinyllama", "tiny-mistral"), ("gpt2", "qwen"), ("tinyllama", "mistral")]
+PAIRS = [("tiny-gpt2", "tiny-qwen"), ("tiny-tinyllama", "tiny-mistral")]  # real pairs: test_published_assets
 
 
-@pytest.mark.parametrize("kind", ["tiny-", ""], ids=["stand-in", "real"])
-def test_word_marker_from_vocabulary(toks, kind):
+def check_word_markers(tok_of, prefix):
     for name, marker in (("gpt2", "Ġ"), ("qwen", "Ġ"), ("tinyllama", "▁"), ("mistral", "▁"), ("llama2", "▁")):
-        assert al.word_marker(toks(kind + name)) == marker, name
+        assert al.word_marker(tok_of(prefix + name)) == marker, name
+
+
+def test_word_marker_from_vocabulary(toks):
+    check_word_markers(toks, "tiny-")
 
 
 RECORDS = [
@@ -168,9 +170,12 @@ def check_against_oracle(batch, s, t):
 
 @pytest.mark.parametrize("student,teacher", PAIRS)
 def test_batch_features_match_oracle(tmp_path, toks, student, teacher):
+    check_batch_features(tmp_path, toks(student), toks(teacher))
+
+
+def check_batch_features(tmp_path, s, t):
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in RECORDS), encoding="utf-8")
-    s, t = toks(student), toks(teacher)
     rows, batch = rows_for(path, s, t, tmp_path)
     check_against_oracle(batch, s, t)
     # aligned pairs are mostly identical tokens after stripping: a sanity check of the direction
@@ -179,15 +184,3 @@ def test_batch_features_match_oracle(tmp_path, toks, student, teacher):
     assert len(aligned) > 0.5 * int((batch["labels"] != -100).sum())
     # padding: P is the longest path list of the batch, the mask covers exactly each row's pairs
     assert batch["dtw_mask"].sum(1).tolist() == [len(r["dtw_value"]) for r in rows]
-
-
-def test_real_dolly_rows_match_oracle(tmp_path, toks):
-    dev = shared_path("data", "dolly", "dev.jsonl")
-    short = tmp_path / "dev_short.jsonl"  # the 4 shortest of the first 40 rows: keep the oracle fast
-    lines = [line for line in open(dev, encoding="utf-8")][:40]
-    lines.sort(key=lambda x: len(json.loads(x)["prompt"]) + len(json.loads(x)["output"]))
-    short.write_text("".join(lines[:4]), encoding="utf-8")
-    for student, teacher in PAIRS[2:]:
-        s, t = toks(student), toks(teacher)
-        _, batch = rows_for(short, s, t, tmp_path / student)
-        check_against_oracle(batch, s, t)

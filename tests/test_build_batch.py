@@ -1,8 +1,8 @@
 """build_batch: a batch built from raw text equals the collated rows of the cached pipeline.
 
 Checked on two tokenizers the test trains itself (byte-level BPE student, Metaspace BPE teacher:
-different segmentations and word markers, so both alignment features are non-trivial) and on the
-real tokenizer pairs of ../shared (skipped when absent).
+different segmentations and word markers, so both alignment features are non-trivial); the real
+tokenizer pairs in test_published_assets.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import random
 import pytest
 import torch
 
-from conftest import shared_path
 from mckd.data import DistillCollator, build_batch, build_dataset
 from mckd.data import alignment as al
 from mckd.data.examples import encode_prompt, read_examples, render_prompt
@@ -141,15 +140,3 @@ def test_bad_arguments_are_clear_errors(tiny):
         build_batch(["a", "b"], ["c", None], student_tokenizer=s)
     with pytest.raises(ValueError, match="build_batch: max_length=1"):
         build_batch(["a"], ["b"], student_tokenizer=s, max_length=1)
-
-
-def test_equals_the_cached_pipeline_on_real_tokenizers(hub_tokenizer, tmp_path):
-    dev = shared_path("data", "dolly", "dev.jsonl")
-    for student, teacher in (("gpt2", "qwen"), ("tinyllama", "mistral")):
-        s, t = hub_tokenizer(student), hub_tokenizer(teacher)
-        kw = dict(max_length=256, max_prompt_length=128, limit=12)
-        want, _ = pipeline_batch(dev, s, t, FEATURES[-1], tmp_path / student, shuffled(4), **kw)
-        kw.pop("limit")
-        got = text_batch(dev, s, t, FEATURES[-1], want["example_index"].tolist(), **kw)
-        assert_same(got, want)
-        assert (got["mined_teacher_index"] >= 0).any() and got["dtw_mask"].sum() > 0

@@ -191,3 +191,33 @@ def test_bad_config_file_names_the_file(tmp_path, content, match):
         parse_config(["--config", str(tmp_path / "args.json")], check_paths=False)
     with pytest.raises(ConfigError, match="does not exist"):
         parse_config(["--config", str(tmp_path / "none.json")], check_paths=False)
+
+
+def test_constructor_defaults_are_the_option_defaults():
+    """Each criterion's keyword default is the default of the option it stands for (stated once, in
+    the option dataclass): a parameter ``x`` stands for the field ``x`` or ``<prefix>_x`` of
+    KDOptions or one of the criterion's own option groups (``tau_squared``: kd_temperature_scaling)."""
+    import dataclasses
+    import inspect
+
+    import mckd.criteria  # noqa: F401  (registers every criterion)
+    from mckd.criteria.base import _REGISTRY
+
+    checked = 0
+    for name, cls in _REGISTRY.items():
+        if cls.__module__.startswith("test_"):
+            continue
+        fields = {}
+        for group in (KDOptions, *cls.option_groups):
+            if dataclasses.is_dataclass(group):
+                for f in dataclasses.fields(group):
+                    fields.setdefault(f.name, f.default)
+        fields["tau_squared"] = KDOptions().kd_temperature_scaling
+        for p in inspect.signature(cls.__init__).parameters.values():
+            if p.default is inspect.Parameter.empty:
+                continue
+            match = [k for k in fields if k == p.name or k.endswith("_" + p.name)]
+            if len(match) == 1:
+                checked += 1
+                assert p.default == fields[match[0]], (name, p.name, p.default, match[0], fields[match[0]])
+    assert checked >= 40

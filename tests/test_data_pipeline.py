@@ -7,13 +7,12 @@ import logging
 import pytest
 import torch
 
-from conftest import shared_path
 from mckd.data import DistillCollator, build_dataset
 from mckd.data import dataset as dataset_mod
 from mckd.data.batch import STUDENT_KEYS, teacher_key
 from mckd.data.examples import RESPONSE_MARKER, DataFormatError, render_prompt
 
-PAIRS = [("tiny-gpt2", "tiny-qwen"), ("tiny-tinyllama", "tiny-mistral"), ("gpt2", "qwen"), ("tinyllama", "mistral")]
+PAIRS = [("tiny-gpt2", "tiny-qwen"), ("tiny-tinyllama", "tiny-mistral")]  # real pairs: test_published_assets
 
 RECORDS = [
     {"instruction": "Name three primary colours.", "input": "", "output": "Red, blue and yellow."},
@@ -83,7 +82,10 @@ def check_side(batch, prefix, tok, pairs, *, check_offsets=True):
 
 @pytest.mark.parametrize("student,teacher", PAIRS)
 def test_labels_masks_offsets(tmp_path, toks, student, teacher):
-    s, t = toks(student), toks(teacher)
+    check_labels_masks_offsets(tmp_path, toks(student), toks(teacher))
+
+
+def check_labels_masks_offsets(tmp_path, s, t):
     path = write_jsonl(tmp_path / "train.jsonl", RECORDS)
     ds = build_dataset(path, student_tokenizer=s, teacher_tokenizer=t, cache_dir=tmp_path / "c")
     assert len(ds) == len(RECORDS) and ds.n_dropped == 0
@@ -194,18 +196,6 @@ def test_bad_arguments(tmp_path, toks):
     with pytest.raises(KeyError, match="rows lack"):
         ds = build_dataset(path, student_tokenizer=s, cache_dir=tmp_path)
         DistillCollator(s.pad_token_id, s.pad_token_id)([ds[0]])
-
-
-def test_real_dolly_dev(tmp_path, toks):
-    dev = shared_path("data", "dolly", "dev.jsonl")
-    recs = [json.loads(line) for line in open(dev, encoding="utf-8")][:16]
-    for student, teacher in PAIRS[2:]:
-        s, t = toks(student), toks(teacher)
-        ds = build_dataset(dev, student_tokenizer=s, teacher_tokenizer=t, cache_dir=tmp_path, limit=16)
-        assert len(ds) == 16
-        batch = DistillCollator(s.pad_token_id, t.pad_token_id)([ds[i] for i in range(16)])
-        check_side(batch, "", s, texts(recs))
-        check_side(batch, "teacher_", t, texts(recs))
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import torch
 
 from mckd.criteria.base import Criterion, CriterionOutput, ModelDims, ModelView, register_criterion
 from mckd.criteria.common import count_tokens, cross_entropy_sum, is_on_policy, token_accuracy
-from mckd.criteria.options import CriterionOptions, KDOptions
+from mckd.criteria.options import CriterionOptions, KD_DEFAULTS, KDOptions
 
 
 def sft_terms(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
@@ -42,7 +42,7 @@ class CrossEntropy(Criterion):
 
     needs_teacher = False
 
-    def __init__(self, label_smoothing: float = 0.0):
+    def __init__(self, label_smoothing: float = KD_DEFAULTS.label_smoothing):
         super().__init__()
         self.label_smoothing = label_smoothing
 

@@ -22,7 +22,7 @@ from mckd.criteria.common import (combine_losses, count_tokens, cross_entropy_ro
                                   upcast)
 from mckd.criteria.cross_entropy import sft_terms
 from mckd.criteria.divergences import Divergence, forward_kl, get_divergence
-from mckd.criteria.options import CriterionOptions, KDOptions
+from mckd.criteria.options import CriterionOptions, KD_DEFAULTS, KDOptions
 from mckd.models.projectors import build_projectors, load_projector_weights, run_projector
 
 DSKD_PROJECTORS = ("t2s", "s2t")
@@ -86,12 +86,16 @@ class DualSpaceKD(Criterion):
     needs_hidden = True
     teacher_modules = ("lm_head",)
 
-    def __init__(self, student_hidden: int, teacher_hidden: int, *, kd_rate: float = 0.5,
-                 kd_objective: str = "forward_kl", kd_temperature: float = 1.0,
-                 tau_squared: bool = False, label_smoothing: float = 0.0,
-                 loss_combination: str = "published", adaptive_kl_alpha: float = 0.5,
-                 skew_lambda: float = 0.1, projector_config_path: str | None = None,
-                 projector_path: str | None = None):
+    def __init__(self, student_hidden: int, teacher_hidden: int, *, kd_rate: float = KD_DEFAULTS.kd_rate,
+                 kd_objective: str = KD_DEFAULTS.kd_objective,
+                 kd_temperature: float = KD_DEFAULTS.kd_temperature,
+                 tau_squared: bool = KD_DEFAULTS.kd_temperature_scaling,
+                 label_smoothing: float = KD_DEFAULTS.label_smoothing,
+                 loss_combination: str = KD_DEFAULTS.loss_combination,
+                 adaptive_kl_alpha: float = KD_DEFAULTS.adaptive_kl_alpha,
+                 skew_lambda: float = KD_DEFAULTS.skew_lambda,
+                 projector_config_path: str | None = KD_DEFAULTS.projector_config_path,
+                 projector_path: str | None = KD_DEFAULTS.projector_path):
         super().__init__()
         self.projectors = build_projectors(DSKD_PROJECTORS, student_hidden, teacher_hidden,
                                            config_path=projector_config_path)

@@ -51,7 +51,7 @@ from mckd.criteria.common import (combine_losses, count_tokens, head_logits, lab
                                   teacher_labels, upcast)
 from mckd.criteria.cross_entropy import sft_terms
 from mckd.criteria.divergences import Divergence, forward_kl, get_divergence
-from mckd.criteria.options import CriterionOptions, KDOptions, OptionGroup
+from mckd.criteria.options import CriterionOptions, KD_DEFAULTS, KDOptions, OptionGroup
 from mckd.models.projectors import load_projector_weights
 from mckd.options import opt
 
@@ -78,6 +78,9 @@ class DSKDv2Options(OptionGroup):
     dskdv2_normalization: str = opt("aligned", "aligned: each KD term is its mean over the aligned "
                                     "pairs (published); labels: sums divided by the label-token "
                                     "count like CE", choices=NORMALIZATIONS)
+
+
+_V2 = DSKDv2Options()  # its defaults as values, for the constructors below
 
 
 def exact_pairs(exact_index: torch.Tensor, labels: torch.Tensor,
@@ -209,8 +212,9 @@ class ExactAlignmentProjectors(nn.Module):
         overlap: ``(student ids, teacher ids)`` of :func:`overlap_ids`.
     """
 
-    def __init__(self, student_hidden: int, teacher_hidden: int, *, s2t: str = "pinv", init: str = "pinv",
-                 student_head: torch.Tensor | None = None, teacher_head: torch.Tensor | None = None,
+    def __init__(self, student_hidden: int, teacher_hidden: int, *, s2t: str = _V2.dskdv2_s2t,
+                 init: str = _V2.dskdv2_projector_init, student_head: torch.Tensor | None = None,
+                 teacher_head: torch.Tensor | None = None,
                  overlap: tuple[list[int], list[int]] | None = None):
         super().__init__()
         if s2t not in S2T_MODES or init not in PROJECTOR_INITS:
@@ -282,12 +286,18 @@ class DualSpaceKDV2(Criterion):
     alignment = ("exact",)
 
     def __init__(self, student_hidden: int, teacher_hidden: int, tea2stu: torch.Tensor, *,
-                 kd_rate: float = 0.5, kd_objective: str = "forward_kl", kd_temperature: float = 1.0,
-                 tau_squared: bool = False, label_smoothing: float = 0.0, loss_combination: str = "published",
-                 adaptive_kl_alpha: float = 0.5, skew_lambda: float = 0.1, s2t: str = "pinv",
-                 projector_init: str = "pinv", t2s_agreement: float = 1.0, normalization: str = "aligned",
-                 student_head: torch.Tensor | None = None, teacher_head: torch.Tensor | None = None,
-                 overlap=None, projector_path: str | None = None):
+                 kd_rate: float = KD_DEFAULTS.kd_rate, kd_objective: str = KD_DEFAULTS.kd_objective,
+                 kd_temperature: float = KD_DEFAULTS.kd_temperature,
+                 tau_squared: bool = KD_DEFAULTS.kd_temperature_scaling,
+                 label_smoothing: float = KD_DEFAULTS.label_smoothing,
+                 loss_combination: str = KD_DEFAULTS.loss_combination,
+                 adaptive_kl_alpha: float = KD_DEFAULTS.adaptive_kl_alpha,
+                 skew_lambda: float = KD_DEFAULTS.skew_lambda, s2t: str = _V2.dskdv2_s2t,
+                 projector_init: str = _V2.dskdv2_projector_init,
+                 t2s_agreement: float = _V2.dskdv2_t2s_agreement,
+                 normalization: str = _V2.dskdv2_normalization, student_head: torch.Tensor | None = None,
+                 teacher_head: torch.Tensor | None = None, overlap=None,
+                 projector_path: str | None = KD_DEFAULTS.projector_path):
         super().__init__()
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"--dskdv2-normalization: unknown value {normalization!r}; choose one of {NORMALIZATIONS}")

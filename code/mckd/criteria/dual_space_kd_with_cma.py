@@ -40,7 +40,7 @@ from mckd.criteria.common import (combine_losses, count_tokens, cross_entropy_ro
                                   safe_targets, teacher_input_ids, teacher_labels, upcast)
 from mckd.criteria.cross_entropy import sft_terms
 from mckd.criteria.divergences import Divergence, forward_kl, get_divergence
-from mckd.criteria.options import CriterionOptions, KDOptions, OptionGroup
+from mckd.criteria.options import CriterionOptions, KD_DEFAULTS, KDOptions, OptionGroup
 from mckd.models.projectors import build_projectors, load_projector_weights, run_projector
 from mckd.options import opt
 
@@ -58,6 +58,11 @@ class CMAOptions(OptionGroup):
     cma_t2s_accuracy_mask: bool = opt(True, "t2s KD only where the projected teacher predicts the "
                                       "gold token (published: on; --no-cma-t2s-accuracy-mask to use "
                                       "all label positions)", action=argparse.BooleanOptionalAction)
+
+
+_CMA = CMAOptions()  # its defaults as values, for the constructors below
+
+
 CMA_PROJECTORS = ("query", "t2s", "s2t")
 _MASKED_SCORE = -1e5
 
@@ -210,14 +215,18 @@ class DualSpaceKDWithCMA(Criterion):
     teacher_modules = ("embed_tokens", "lm_head")
     cross_tokenizer = True
 
-    def __init__(self, student_hidden: int, teacher_hidden: int, *, kd_rate: float = 0.5,
-                 kd_objective: str = "forward_kl", kd_temperature: float = 1.0,
-                 teacher_temperature: float = 1.0, tau_squared: bool = False,
-                 label_smoothing: float = 0.0, loss_combination: str = "published",
-                 adaptive_kl_alpha: float = 0.5, skew_lambda: float = 0.1,
-                 normalization: str = "masked_std", t2s_accuracy_mask: bool = True,
-                 projector_pretraining: bool = False, projector_config_path: str | None = None,
-                 projector_path: str | None = None):
+    def __init__(self, student_hidden: int, teacher_hidden: int, *, kd_rate: float = KD_DEFAULTS.kd_rate,
+                 kd_objective: str = KD_DEFAULTS.kd_objective,
+                 kd_temperature: float = KD_DEFAULTS.kd_temperature,
+                 teacher_temperature: float = KD_DEFAULTS.teacher_temperature,
+                 tau_squared: bool = KD_DEFAULTS.kd_temperature_scaling,
+                 label_smoothing: float = KD_DEFAULTS.label_smoothing,
+                 loss_combination: str = KD_DEFAULTS.loss_combination,
+                 adaptive_kl_alpha: float = KD_DEFAULTS.adaptive_kl_alpha,
+                 skew_lambda: float = KD_DEFAULTS.skew_lambda, normalization: str = _CMA.cma_normalization,
+                 t2s_accuracy_mask: bool = _CMA.cma_t2s_accuracy_mask, projector_pretraining: bool = False,
+                 projector_config_path: str | None = KD_DEFAULTS.projector_config_path,
+                 projector_path: str | None = KD_DEFAULTS.projector_path):
         super().__init__()
         if normalization not in CMA_NORMALIZATIONS:
             raise ValueError(f"--cma-normalization: unknown value {normalization!r}; choose one of "

@@ -54,7 +54,7 @@ from mckd.criteria.divergences import get_divergence
 from mckd.criteria.dual_space_kd_v2 import (DSKDv2Options, ExactAlignmentProjectors, eta_dual_space_terms,
                                             eta_metrics, heads_and_overlap, normalize_terms, shared_map_tensor)
 from mckd.criteria.dual_space_kd_with_cma import CMA_PROJECTORS, CMAOptions, cma_kwargs, cma_losses
-from mckd.criteria.options import CriterionOptions, KDOptions, OptionGroup
+from mckd.criteria.options import CriterionOptions, KD_DEFAULTS, KDOptions, OptionGroup
 from mckd.models.projectors import build_projectors, load_projector_weights, run_projector
 from mckd.ot.costs import pairwise_cosine_distance
 from mckd.ot.soft_dtw import soft_dtw_divergence
@@ -73,6 +73,9 @@ class DWAOptions(OptionGroup):
     dwa_dtw_rate: float = opt(1.0, "weight of the two Soft-DTW divergences (embeddings, last hidden "
                                    "states)")
     dwa_gamma: float = opt(1.0, "Soft-DTW smoothing gamma")
+
+
+_DWA = DWAOptions()  # its defaults as values, for the constructors below
 
 
 DTW_PROJECTORS = ("dtw_embed", "dtw_hidden")
@@ -173,10 +176,12 @@ class DWAKD(Criterion):
     cross_tokenizer = True
     alignment = ()  # ("exact",) with --dwa-token-alignment exact (set per instance)
 
-    def __init__(self, student_hidden: int, teacher_hidden: int, *, token_alignment: str = "cma",
-                 dtw_rate: float = 1.0, gamma: float = 1.0, kd_rate: float = 0.5, label_smoothing: float = 0.0,
-                 cma_options: dict | None = None, projector_config_path: str | None = None,
-                 projector_path: str | None = None, eta: dict | None = None):
+    def __init__(self, student_hidden: int, teacher_hidden: int, *,
+                 token_alignment: str = _DWA.dwa_token_alignment, dtw_rate: float = _DWA.dwa_dtw_rate,
+                 gamma: float = _DWA.dwa_gamma, kd_rate: float = KD_DEFAULTS.kd_rate,
+                 label_smoothing: float = KD_DEFAULTS.label_smoothing, cma_options: dict | None = None,
+                 projector_config_path: str | None = KD_DEFAULTS.projector_config_path,
+                 projector_path: str | None = KD_DEFAULTS.projector_path, eta: dict | None = None):
         """Args:
             token_alignment: "cma" or "exact". dtw_rate: weight of the Soft-DTW terms (0: off).
             gamma: Soft-DTW smoothing. kd_rate: weight of the weighted dual-space KD.

@@ -41,7 +41,7 @@ from mckd.criteria.base import (Criterion, CriterionOutput, CriterionResources, 
 from mckd.criteria.common import (combine_losses, count_tokens, label_mask, masked_sum, safe_targets,
                                   teacher_input_ids, upcast)
 from mckd.criteria.cross_entropy import sft_terms
-from mckd.criteria.options import CriterionOptions, KDOptions
+from mckd.criteria.options import CriterionOptions, KD_DEFAULTS, KDOptions
 
 logger = logging.getLogger(__name__)
 
@@ -208,9 +208,11 @@ class MinEditDisKLD(Criterion):
     alignment = ("mined_dtw",)
 
     def __init__(self, tea2stu: Sequence[int] | torch.Tensor, student_vocab: int,
-                 teacher_vocab: int | None = None, kd_rate: float = 0.5, kd_temperature: float = 1.0,
-                 tau_squared: bool = False, label_smoothing: float = 0.0,
-                 loss_combination: str = "published", source: str = "the vocabulary map"):
+                 teacher_vocab: int | None = None, kd_rate: float = KD_DEFAULTS.kd_rate,
+                 kd_temperature: float = KD_DEFAULTS.kd_temperature,
+                 tau_squared: bool = KD_DEFAULTS.kd_temperature_scaling,
+                 label_smoothing: float = KD_DEFAULTS.label_smoothing,
+                 loss_combination: str = KD_DEFAULTS.loss_combination, source: str = "the vocabulary map"):
         super().__init__()
         tea2stu = torch.as_tensor(tea2stu, dtype=torch.long).flatten()
         if tea2stu.numel() == 0:

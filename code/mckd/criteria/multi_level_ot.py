@@ -51,7 +51,7 @@ import torch
 from mckd.criteria.base import Criterion, CriterionOutput, ModelDims, ModelView, register_criterion
 from mckd.criteria.common import combine_losses, count_tokens, masked_sum, teacher_labels, upcast
 from mckd.criteria.cross_entropy import sft_terms
-from mckd.criteria.options import CriterionOptions, KDOptions, OptionGroup
+from mckd.criteria.options import CriterionOptions, KD_DEFAULTS, KDOptions, OptionGroup
 from mckd.criteria.universal_logit_distillation import gather_positions, response_start_alignment
 from mckd.options import opt
 from mckd.ot.sinkhorn import sinkhorn
@@ -69,6 +69,9 @@ class MLOTOptions(OptionGroup):
     mlot_top_k: int = opt(50, "ranked probabilities compared")
     mlot_sinkhorn_eps: float = opt(0.1, "Sinkhorn regularisation")
     mlot_sinkhorn_iters: int = opt(10, "Sinkhorn iterations")
+
+
+_MLOT = MLOTOptions()  # its defaults as values, for the constructors below
 
 
 def std_scaled(logits: torch.Tensor) -> torch.Tensor:
@@ -167,10 +170,12 @@ class MultiLevelOT(Criterion):
     needs_teacher = True
     cross_tokenizer = True
 
-    def __init__(self, kd_rate: float = 0.5, label_smoothing: float = 0.0,
-                 loss_combination: str = "published", variant: str = "fixed",
-                 temperature: float = 2.0, top_k: int = 50, sinkhorn_eps: float = 0.1,
-                 sinkhorn_iters: int = 10):
+    def __init__(self, kd_rate: float = KD_DEFAULTS.kd_rate,
+                 label_smoothing: float = KD_DEFAULTS.label_smoothing,
+                 loss_combination: str = KD_DEFAULTS.loss_combination, variant: str = _MLOT.mlot_variant,
+                 temperature: float = _MLOT.mlot_temperature, top_k: int = _MLOT.mlot_top_k,
+                 sinkhorn_eps: float = _MLOT.mlot_sinkhorn_eps,
+                 sinkhorn_iters: int = _MLOT.mlot_sinkhorn_iters):
         super().__init__()
         if variant not in MLOT_VARIANTS:
             raise ValueError(f"--mlot-variant: unknown value {variant!r}; choose one of "

@@ -72,6 +72,10 @@ class KDOptions(OptionGroup):
                                                           "-> student id); built when missing")
 
 
+#: The KD defaults as values: the criteria's constructors take their keyword defaults from here.
+KD_DEFAULTS = KDOptions()
+
+
 def option_groups(criterion_classes: Iterable[type]) -> list[type[OptionGroup]]:
     """The option groups of the given criterion classes, :class:`KDOptions` first, each once."""
     out: list[type[OptionGroup]] = [KDOptions]

@@ -42,7 +42,7 @@ from mckd.criteria.base import Criterion, CriterionOutput, ModelDims, ModelView,
 from mckd.criteria.common import (combine_losses, count_tokens, label_mask, teacher_labels,
                                   token_log_probs, upcast)
 from mckd.criteria.cross_entropy import sft_terms
-from mckd.criteria.options import CriterionOptions, KDOptions, OptionGroup
+from mckd.criteria.options import CriterionOptions, KD_DEFAULTS, KDOptions, OptionGroup
 from mckd.criteria.universal_logit_distillation import sorted_l1
 from mckd.options import opt
 
@@ -66,6 +66,9 @@ class ULDHybridOptions(OptionGroup):
                                                           "(default: 1 - K / V_t)", type=float)
     uld_hybrid_keep_eos: bool = opt(False, "also compare the last label positions (GOLD skips the "
                                            "eos by default)", action="store_true")
+
+
+_HYB = ULDHybridOptions()  # its defaults as values, for the constructors below
 
 
 def last_label_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -229,10 +232,13 @@ class ULDHybrid(Criterion):
     cross_tokenizer = True
     alignment = ("exact",)
 
-    def __init__(self, tea2stu: torch.Tensor, student_vocab: int, *, kd_rate: float = 1.0,
-                 positions: str = "groups", beta: float = 0.0, matched_weight: float | None = None,
-                 unmatched_weight: float | None = None, kd_temperature: float = 1.0, skip_eos: bool = True,
-                 label_smoothing: float = 0.0, loss_combination: str = "published"):
+    def __init__(self, tea2stu: torch.Tensor, student_vocab: int, *, kd_rate: float = KD_DEFAULTS.kd_rate,
+                 positions: str = _HYB.uld_hybrid_positions, beta: float = _HYB.uld_hybrid_beta,
+                 matched_weight: float | None = _HYB.uld_hybrid_matched_weight,
+                 unmatched_weight: float | None = _HYB.uld_hybrid_unmatched_weight,
+                 kd_temperature: float = KD_DEFAULTS.kd_temperature, skip_eos: bool = True,
+                 label_smoothing: float = KD_DEFAULTS.label_smoothing,
+                 loss_combination: str = KD_DEFAULTS.loss_combination):
         super().__init__()
         if positions not in POSITIONS:
             raise ValueError(f"--uld-hybrid-positions: unknown value {positions!r}; choose one of {POSITIONS}")

@@ -26,7 +26,7 @@ import torch
 from mckd.criteria.base import Criterion, CriterionOutput, ModelDims, ModelView, register_criterion
 from mckd.criteria.common import combine_losses, count_tokens, label_mask, teacher_labels, upcast
 from mckd.criteria.cross_entropy import sft_terms
-from mckd.criteria.options import CriterionOptions, KDOptions
+from mckd.criteria.options import CriterionOptions, KD_DEFAULTS, KDOptions
 
 SORT_CHUNK_ROWS = 256
 
@@ -147,8 +147,9 @@ class UniversalLogitDistillation(Criterion):
     needs_teacher = True
     cross_tokenizer = True
 
-    def __init__(self, kd_rate: float = 0.5, label_smoothing: float = 0.0,
-                 loss_combination: str = "published"):
+    def __init__(self, kd_rate: float = KD_DEFAULTS.kd_rate,
+                 label_smoothing: float = KD_DEFAULTS.label_smoothing,
+                 loss_combination: str = KD_DEFAULTS.loss_combination):
         super().__init__()
         self.kd_rate, self.label_smoothing = kd_rate, label_smoothing
         self.loss_combination = loss_combination

@@ -18,7 +18,7 @@ from mckd.criteria.common import (combine_losses, count_tokens, gather_rows, lab
                                   upcast)
 from mckd.criteria.cross_entropy import sft_terms
 from mckd.criteria.divergences import get_divergence
-from mckd.criteria.options import CriterionOptions, KDOptions
+from mckd.criteria.options import CriterionOptions, KD_DEFAULTS, KDOptions
 
 
 def check_same_vocab(student_logits: torch.Tensor, teacher_logits: torch.Tensor, name: str) -> None:
@@ -39,10 +39,13 @@ class VariousDivergence(Criterion):
 
     needs_teacher = True
 
-    def __init__(self, kd_objective: str = "forward_kl", kd_rate: float = 0.5,
-                 kd_temperature: float = 1.0, tau_squared: bool = False,
-                 label_smoothing: float = 0.0, loss_combination: str = "published",
-                 adaptive_kl_alpha: float = 0.5, skew_lambda: float = 0.1):
+    def __init__(self, kd_objective: str = KD_DEFAULTS.kd_objective, kd_rate: float = KD_DEFAULTS.kd_rate,
+                 kd_temperature: float = KD_DEFAULTS.kd_temperature,
+                 tau_squared: bool = KD_DEFAULTS.kd_temperature_scaling,
+                 label_smoothing: float = KD_DEFAULTS.label_smoothing,
+                 loss_combination: str = KD_DEFAULTS.loss_combination,
+                 adaptive_kl_alpha: float = KD_DEFAULTS.adaptive_kl_alpha,
+                 skew_lambda: float = KD_DEFAULTS.skew_lambda):
         super().__init__()
         self.divergence = get_divergence(kd_objective, adaptive_kl_alpha=adaptive_kl_alpha,
                                          skew_lambda=skew_lambda)

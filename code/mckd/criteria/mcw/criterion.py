@@ -40,11 +40,13 @@ from mckd.criteria.mcw.ot import (aligned_student_index, alignment_cost, cost_st
                                   interpolation_weight, logit_costs, multi_cost_ot, topk_distributions)
 from mckd.criteria.mcw.presets import MCWOptions
 from mckd.criteria.mcw.weights import simplex_qp_weights
-from mckd.criteria.options import CriterionOptions, KDOptions
+from mckd.criteria.options import CriterionOptions, KD_DEFAULTS, KDOptions
 from mckd.models.projectors import build_projectors, load_projector_weights, run_projector
 from mckd.ot.costs import span_iou_cost
 
 logger = logging.getLogger(__name__)
+
+_CMA = CMAOptions()  # its defaults as values, for the constructor below
 
 LOGIT_COST_NAMES = ("l2", "kl", "salience")
 HIDDEN_COST_NAMES = ("align", "ctx_l2", "ctx_cos")
@@ -63,11 +65,17 @@ class MCWKD(Criterion):
     cross_tokenizer = True
 
     def __init__(self, student_hidden: int, teacher_hidden: int, *, options: MCWOptions | None = None,
-                 kd_rate: float = 0.5, loss_combination: str = "published", label_smoothing: float = 0.0,
-                 kd_objective: str = "forward_kl", kd_temperature: float = 1.0, teacher_temperature: float = 1.0,
-                 tau_squared: bool = False, adaptive_kl_alpha: float = 0.5, skew_lambda: float = 0.1,
-                 normalization: str = "masked_std", t2s_accuracy_mask: bool = True,
-                 projector_config_path: str | None = None, projector_path: str | None = None,
+                 kd_rate: float = KD_DEFAULTS.kd_rate, loss_combination: str = KD_DEFAULTS.loss_combination,
+                 label_smoothing: float = KD_DEFAULTS.label_smoothing,
+                 kd_objective: str = KD_DEFAULTS.kd_objective,
+                 kd_temperature: float = KD_DEFAULTS.kd_temperature,
+                 teacher_temperature: float = KD_DEFAULTS.teacher_temperature,
+                 tau_squared: bool = KD_DEFAULTS.kd_temperature_scaling,
+                 adaptive_kl_alpha: float = KD_DEFAULTS.adaptive_kl_alpha,
+                 skew_lambda: float = KD_DEFAULTS.skew_lambda, normalization: str = _CMA.cma_normalization,
+                 t2s_accuracy_mask: bool = _CMA.cma_t2s_accuracy_mask,
+                 projector_config_path: str | None = KD_DEFAULTS.projector_config_path,
+                 projector_path: str | None = KD_DEFAULTS.projector_path,
                  tea2stu: torch.Tensor | None = None):
         """Args:
             student_hidden, teacher_hidden: D_s, D_t (from the model configs).
