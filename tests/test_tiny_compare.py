@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -144,6 +145,36 @@ def test_run_tasks_respects_dependencies_the_job_limit_and_weights():
     assert pos[("start", "heavy student")] < pos[("start", "sft")]
 
 
+def test_run_tasks_counts_the_cores_a_task_occupies():
+    """A two-thread task holds both cores of ``jobs=2``: nothing runs beside it; the one-thread
+    tasks behind it then run two at a time."""
+    import threading
+    import time
+
+    lock, busy, peak, log = threading.Lock(), [0], [0], []
+
+    def work(name, threads, dt=0.05):
+        def fn():
+            with lock:
+                busy[0] += threads
+                peak[0] = max(peak[0], busy[0])
+                log.append(("start", name, busy[0]))
+            time.sleep(dt)
+            with lock:
+                busy[0] -= threads
+                log.append(("end", name, busy[0]))
+        return fn
+
+    teacher = compare.Task("teacher", work("teacher", 2, 0.2), 10, threads=2)
+    sft = [compare.Task(f"sft{k}", work(f"sft{k}", 1), 1) for k in range(3)]
+    kd = compare.Task("kd", work("kd", 1), 5, (teacher,))
+    compare.run_tasks([*sft, kd, teacher], 2)
+    assert peak[0] == 2
+    assert log[0][:2] == ("start", "teacher") and log[1][:2] == ("end", "teacher")  # alone
+    assert max(b for kind, _, b in log if kind == "start" and _ != "teacher") == 2  # then two at a time
+    compare.run_tasks([compare.Task("wide", work("wide", 2), threads=4)], 2)  # clamped to the cores
+
+
 def test_run_tasks_raises_the_first_failure_and_unknown_dependencies():
     def boom():
         raise ValueError("stage failed")
@@ -157,13 +188,20 @@ def test_run_tasks_raises_the_first_failure_and_unknown_dependencies():
 
 @pytest.mark.slow
 def test_compare_smoke_every_method_trains_and_evaluates(tmp_path):
+    """The comparison in a copy of the project (its own small build of the embedded default): a
+    same-vocabulary method, a cross-vocabulary one with its control and an on-policy variant, two
+    paired seeds, scores, table and figures."""
+    copy = tmp_path / "project"
+    for d in ("scripts", "code", "configs"):
+        shutil.copytree(ROOT / d, copy / d, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     out = tmp_path / "compare"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "code"), "BATCH_SIZE": "4", "LOG_INTERVAL": "1"}
-    cmd = [sys.executable, str(ROOT / "scripts/tiny/compare.py"), "compare", "--out", str(out),
+    env = {**os.environ, "PYTHONPATH": str(copy / "code"), "BATCH_SIZE": "4", "LOG_INTERVAL": "1"}
+    cmd = [sys.executable, str(copy / "scripts/tiny/compare.py"), "compare", "--out", str(out),
            "--teacher-out", str(tmp_path / "teachers"), "--jobs", "2", "--seeds", "1", "2",
            "--eval-seeds", "10", "20", "--eval-num", "3", "--max-new-tokens", "8",
            "--teacher-epoch", "1", "--max-epochs", "1", "--controls",
-           "--methods", "sft", "vanilla_kd", "uld", "mcw_kd", "--on-policy", "vanilla_kd",
+           "--methods", "sft", "vanilla_kd", "mcw_kd", "--on-policy", "vanilla_kd",
+           "--build-args", "--teacher-train-size 64 --train-size 32 --dev-size 8 --test-size 8",
            "--teacher-args", "--max-steps 2 --dev-num 2", "--train-args", "--max-steps 2 --dev-num 2",
            "--log-level", "WARNING"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -172,7 +210,7 @@ def test_compare_smoke_every_method_trains_and_evaluates(tmp_path):
     with open(out / "scores.csv") as fh:
         scores = list(csv.DictReader(fh))
     students = [r for r in scores if r["method"] != "teacher"]
-    want = {"sft", "vanilla_kd", "uld", "mcw_kd", "uld@same", "mcw_kd@same", "vanilla_kd+on_policy"}
+    want = {"sft", "vanilla_kd", "mcw_kd", "mcw_kd@same", "vanilla_kd+on_policy"}
     assert {r["method"] for r in students} == want and len(students) == 2 * len(want)
     assert {r["setting"] for r in scores if r["method"] == "teacher"} == {"same", "cross"}
     for r in students:

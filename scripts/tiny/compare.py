@@ -125,6 +125,7 @@ class Stage:
     teacher: "Stage | None" = None  # a student's teacher stage (its checkpoint is the teacher)
     ckpt: str | None = None
     seconds: float = 0.0
+    threads: int = 1  # torch threads of its process (the numbers do not depend on it)
 
 
 @dataclass(eq=False)
@@ -136,18 +137,22 @@ class Task:
     weight: float = 1.0
     after: tuple = ()
     result: Any = None
+    threads: int = 1  # cores it occupies
 
 
 def run_tasks(tasks: list[Task], jobs: int) -> None:
-    """Run ``tasks`` ``jobs`` at a time, each as soon as the tasks it needs are done, the heaviest
-    ready task first. The first failure is raised once the running tasks have ended."""
+    """Run ``tasks`` on ``jobs`` cores, each as soon as the tasks it needs are done, the heaviest
+    ready task first; a task occupies ``threads`` cores (at most ``jobs``), and a task that does
+    not fit waits, with the lighter ones behind it, for cores to free. The first failure is
+    raised once the running tasks have ended."""
+    jobs = max(1, jobs)
     pending = sorted(tasks, key=lambda t: -t.weight)
     done: set = set()
     running: dict = {}
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
         while pending or running:
             for t in [t for t in pending if all(a in done for a in t.after)]:
-                if len(running) >= max(1, jobs):
+                if sum(min(r.threads, jobs) for r in running.values()) + min(t.threads, jobs) > jobs:
                     break
                 pending.remove(t)
                 running[pool.submit(t.fn)] = t
@@ -197,7 +202,7 @@ def train(stage: Stage) -> Stage:
         logger.info("%s: reusing %s", stage.name, ckpt)
         stage.ckpt = ckpt
         return stage
-    env = {"PYTHON": sys.executable, **os.environ, "GPUS": "", "OMP_NUM_THREADS": "1",
+    env = {"PYTHON": sys.executable, **os.environ, "GPUS": "", "OMP_NUM_THREADS": str(stage.threads),
            "SAVE_PATH": str(stage.run_dir), **{k: str(v) for k, v in stage.env.items()}}
     if state in ("diverged", "stale", "finished"):   # finished without a usable checkpoint too
         logger.info("%s: the run is %s; moved to %s, retraining", stage.name, state,
@@ -291,7 +296,7 @@ def build_assets(args) -> None:
 
 def graph(teachers: dict, students: list[Stage], evals: list[tuple[Stage, Callable]]) -> list[Task]:
     """Tasks: each teacher, each student after its teacher, each evaluation after its stage."""
-    tasks = {id(st): Task(st.name, lambda st=st: train(st), st.weight)
+    tasks = {id(st): Task(st.name, lambda st=st: train(st), st.weight, threads=st.threads)
              for st in [*teachers.values(), *students]}
     for st in students:
         if st.teacher is not None:
@@ -308,6 +313,8 @@ def run_grid(points: list[tuple[Method, int, Path]], args, data_dir: Path, eval_
     needed = {TEACHERS[m.setting] for m, _, _ in points if m.criterion != "cross_entropy"}
     tstages = {t: teacher_stage(Path(args.teacher_out), t, args.teacher_epoch, args.teacher_args)
                for t in TEACHERS.values() if t in needed}
+    for st in tstages.values():  # the teachers come first and share the cores (one teacher: all)
+        st.threads = max(1, args.jobs // len(tstages))
     students = [student_stage(m, s, d, tstages, args) for m, s, d in points]
 
     if args.eval_num != -1:  # a subset: never reuse or clash with the full evaluation's files

@@ -2,7 +2,8 @@
 # The paper's comparison in miniature on the embedded default (docs/RESULTS.md has the results).
 #   bash scripts/tiny/compare.sh                          # main table: both settings, every method
 #   CONTROLS=1 bash scripts/tiny/compare.sh               # + cross-vocabulary methods, same teacher
-#   METHODS="sft mcw_kd" SEEDS="10 20 30" ON_POLICY= bash scripts/tiny/compare.sh
+#   ON_POLICY="vanilla_kd mcw_kd uld_hybrid" bash scripts/tiny/compare.sh   # + on-policy variants
+#   METHODS="sft mcw_kd" SEEDS="10 20 30" bash scripts/tiny/compare.sh
 # Trains (or reuses) the SFT teachers in outputs/tiny/<teacher>/sft/run (shared with run.sh), then
 # one student per method and training seed in ${OUT}/<method>/seed<k>, each until its dev loss
 # stops improving, with the options of scripts/tiny/methods.tsv; evaluates each best-on-dev
@@ -13,7 +14,7 @@
 # Environment: SEEDS (training seeds, default "10 20 30 40 50"), EVAL_SEEDS ("10 20 30"), JOBS (2),
 # METHODS (default: every row of methods.tsv), CONTROLS (1: add the controls; only: SFT and the
 # controls alone), ON_POLICY (methods also trained on-policy, label <method>+on_policy; default
-# "vanilla_kd mcw_kd uld_hybrid"; empty: none), OUT (outputs/tiny/compare), ARGS (extra
+# none; the on-policy column of docs/RESULTS.md: "vanilla_kd mcw_kd uld_hybrid"), OUT (outputs/tiny/compare), ARGS (extra
 # scripts/tiny/compare.py flags).
 set -euo pipefail
 BASE_PATH=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -23,7 +24,7 @@ BASE_PATH=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 : "${JOBS:=2}"
 : "${METHODS:=}"
 : "${CONTROLS:=0}"
-: "${ON_POLICY=vanilla_kd mcw_kd uld_hybrid}"
+: "${ON_POLICY=}"
 : "${OUT:=${BASE_PATH}/outputs/tiny/compare}"
 : "${ARGS:=}"
 export PYTHONPATH="${BASE_PATH}/code${PYTHONPATH:+:${PYTHONPATH}}"
