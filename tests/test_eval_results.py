@@ -100,3 +100,13 @@ def test_pair_status_same_data_under_another_path_is_done(tmp_path):
     assert pair_status(d, {**settings, "data_file": str(c)}) == "conflict"    # other data
     assert pair_status(d, {"do_sample": False, "data_file": str(b)}) == "conflict"
     assert pair_status(d, {**settings, "data_file": str(tmp_path / "gone.jsonl")}) == "conflict"
+    # a record with the data's sha256: the same bytes match even after its file is gone
+    sha = {"a": "1" * 64, "c": "2" * 64}
+    hashed = {**settings, "data_sha256": sha["a"]}
+    _write_pairs(tmp_path / "out2", {"dolly": {10: 1.0}}, settings=hashed)
+    d2 = pair_dir(tmp_path / "out2", "dolly", 10)
+    a.unlink()
+    assert pair_status(d2, {**hashed, "data_file": str(tmp_path / "moved.jsonl")}) == "done"
+    assert pair_status(d2, {**hashed, "data_sha256": sha["c"]}) == "conflict"
+    # a record without one (older runs) against a hashed request: the files' bytes decide
+    assert pair_status(d, {**settings, "data_file": str(b), "data_sha256": sha["a"]}) == "conflict"  # a is gone

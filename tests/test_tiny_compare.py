@@ -50,6 +50,21 @@ def test_table_gives_paired_differences_with_intervals(tmp_path):
     assert "Smallest effect this design detects" in md
 
 
+
+def test_table_pairs_each_control_with_its_cross_vocabulary_run(tmp_path):
+    seeds = [10, 20, 30]
+    rows = [_row("sft", "both", s, 20.0, 19.0, 2.0) for s in seeds]
+    rows += [_row("uld", "cross", s, v, 19.0, 2.0, 0.5) for s, v in zip(seeds, [19.0, 21.0, 20.0])]
+    rows += [_row("uld@same", "same", s, v, 19.0, 1.9, 0.5) for s, v in zip(seeds, [22.0, 23.5, 23.0])]
+    rows += [_row("mined@same", "same", s, 21.0, 19.0, 1.9, 0.5) for s in seeds]   # no cross run
+    md = compare.write_table(rows, tmp_path / "t", n_eval=300, n_sampling=3)
+    with open(tmp_path / "t.csv") as fh:
+        mismatch = [r for r in csv.DictReader(fh) if r["setting"] == "mismatch"]
+    assert [r["method"] for r in mismatch] == ["uld"]        # differences 3.0, 2.5, 3.0
+    assert float(mismatch[0]["rougeL_diff"]) == pytest.approx(8.5 / 3, abs=1e-4)
+    assert float(mismatch[0]["rougeL_lo"]) > 0 and float(mismatch[0]["test_nll_diff"]) == pytest.approx(-0.1)
+    assert "cost of the vocabulary mismatch" in md and "| uld | 3 | +2.83 [" in md
+
 def test_paired_difference_matches_a_hand_computed_interval():
     from mckd.evaluation.stats import detectable_effect, paired_difference
 
@@ -232,3 +247,25 @@ def test_compare_smoke_every_method_trains_and_evaluates(tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     timing = json.loads((out / "timing.json").read_text())
     assert timing["total_s"] >= 0 and "mcw_kd seed 1" in timing["stages_s"]
+
+
+def test_a_finished_evaluation_is_read_back_without_starting_evaluate(tmp_path, monkeypatch):
+    data = tmp_path / "data" / "tiny"
+    data.mkdir(parents=True)
+    (data / "valid.jsonl").write_text('{"prompt": "p", "output": "o"}\n')
+    out = tmp_path / "eval"
+    calls = []
+
+    def fake_run(cmd, **kw):   # what evaluate.py leaves behind
+        calls.append(cmd)
+        out.mkdir(exist_ok=True)
+        (out / "results.json").write_text(json.dumps({"datasets": {"tiny": {"n": len(calls)}}}))
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    args = ("ckpt", tmp_path / "data", [10, 20], -1, out)
+    assert compare.evaluate(*args) == {"n": 1}
+    assert compare.evaluate(*args) == {"n": 1} and len(calls) == 1             # read back
+    compare.evaluate(*args, greedy=True)                                        # another request
+    (data / "valid.jsonl").write_text('{"prompt": "p", "output": "other"}\n')   # other data
+    compare.evaluate(*args)
+    assert len(calls) == 3

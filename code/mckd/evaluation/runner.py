@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import hashlib
 import json
 import logging
 import math
@@ -245,12 +246,14 @@ def pair_status(pdir: Path, settings: dict) -> str:
         return "todo"
     if old == settings:
         return "done"
-    # the same data under another path (e.g. another checkout of the same data) is the same pair
-    rest = {k for k in set(old or {}) | set(settings) if k != "data_file"}
-    if old and all(old.get(k) == settings.get(k) for k in rest) and \
-            _same_content(old.get("data_file"), settings.get("data_file")):
-        return "done"
-    return "conflict"
+    # the same data under another path (another checkout, a moved or deleted one) is the same pair:
+    # compared by the recorded sha256, or by the files' bytes for records without one
+    rest = {k for k in set(old or {}) | set(settings) if k not in ("data_file", "data_sha256")}
+    if not old or any(old.get(k) != settings.get(k) for k in rest):
+        return "conflict"
+    if old.get("data_sha256") and settings.get("data_sha256"):
+        return "done" if old["data_sha256"] == settings["data_sha256"] else "conflict"
+    return "done" if _same_content(old.get("data_file"), settings.get("data_file")) else "conflict"
 
 
 def _same_content(a: str | None, b: str | None) -> bool:
@@ -299,7 +302,8 @@ def pair_settings(cfg: EvalConfig, info, data_file: Path, limit: int) -> dict:
     the protocol, so a run may be resumed with another batch size."""
     return {"checkpoint": str(Path(info.path).resolve()), "lora": info.is_lora,
             "base_model": str(Path(info.model_dir).resolve()) if info.is_lora else None,
-            "model_type": info.model_type, "data_file": str(data_file.resolve()), "limit": limit,
+            "model_type": info.model_type, "data_file": str(data_file.resolve()),
+            "data_sha256": hashlib.sha256(Path(data_file).read_bytes()).hexdigest(), "limit": limit,
             "max_prompt_length": cfg.max_prompt_length, **cfg.decoding()}
 
 
