@@ -85,7 +85,9 @@ def test_accumulation_and_ddp_match_big_batch(setup, reference, tmp_path):
     assert args["world_size"] == 2 and args["effective_batch_size"] == 4
 
 
-@pytest.mark.parametrize("zero", ["0", "1", "2", "2-offload", "3"])
+# ZeRO-1 is not a row: DeepSpeed runs stages 1 and 2 with one optimizer class (stage 2 adds the
+# gradient partitioning), so stage 2 covers its code path
+@pytest.mark.parametrize("zero", ["0", "2", "2-offload", "3"])
 def test_deepspeed_zero_stages_match(setup, reference, tmp_path, zero):
     stage = int(zero[0])
     cfg = {"zero_optimization": {"stage": stage}}
