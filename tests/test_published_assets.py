@@ -28,6 +28,7 @@ import test_data_pipeline as pipeline  # noqa: E402
 import test_data_prompts as prompts  # noqa: E402
 import test_exact_alignment as exact_alignment  # noqa: E402
 import test_mcw_e2e as mcw_e2e  # noqa: E402
+import test_smoke_fixtures as smoke  # noqa: E402
 import test_vocab_map as vocab_map_tests  # noqa: E402
 from conftest import write_word_data  # noqa: E402
 from mckd.data import DistillCollator, build_dataset  # noqa: E402
@@ -57,6 +58,10 @@ def _short_dolly(tmp_path, n_first=40, keep=4):
 
 
 # --------------------------------------------------------------------------- tokenizers and data
+def test_tiny_models_with_real_vocabularies_load_with_their_tokenizers(tiny_models):
+    smoke.check_tiny_models(tiny_models, real=True)
+
+
 def test_word_markers_and_vocabulary_styles(hub_tokenizer):
     alignment.check_word_markers(hub_tokenizer, "")
     vocab_map_tests.check_vocabulary_styles(hub_tokenizer, "")

@@ -90,6 +90,11 @@ def init_distributed(backend: str = "auto", *, deepspeed: bool = False, timeout_
         if "MASTER_PORT" not in os.environ:
             os.environ["MASTER_PORT"] = str(_free_port())
             _ENV_SET.append("MASTER_PORT")
+        if backend == "gloo":
+            # On CPU DeepSpeed builds a shared-memory all-reduce kernel at start-up (about 20 s of
+            # C++ compilation in every fresh environment) that only its inference all-reduce uses;
+            # training collectives go through gloo, so the kernel is declared unavailable.
+            ds.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         ds.init_distributed(dist_backend=backend, timeout=timeout)
     elif env_world_size() > 1:
         kw = {"device_id": device_id} if device_id is not None else {}
