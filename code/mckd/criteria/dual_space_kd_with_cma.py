@@ -60,7 +60,7 @@ class CMAOptions(OptionGroup):
                                       "all label positions)", action=argparse.BooleanOptionalAction)
 
 
-_CMA = CMAOptions()  # its defaults as values, for the constructors below
+CMA_DEFAULTS = CMAOptions()  # its defaults as values, for the constructors of the CMA criteria
 
 
 CMA_PROJECTORS = ("query", "t2s", "s2t")
@@ -223,8 +223,8 @@ class DualSpaceKDWithCMA(Criterion):
                  label_smoothing: float = KD_DEFAULTS.label_smoothing,
                  loss_combination: str = KD_DEFAULTS.loss_combination,
                  adaptive_kl_alpha: float = KD_DEFAULTS.adaptive_kl_alpha,
-                 skew_lambda: float = KD_DEFAULTS.skew_lambda, normalization: str = _CMA.cma_normalization,
-                 t2s_accuracy_mask: bool = _CMA.cma_t2s_accuracy_mask, projector_pretraining: bool = False,
+                 skew_lambda: float = KD_DEFAULTS.skew_lambda, normalization: str = CMA_DEFAULTS.cma_normalization,
+                 t2s_accuracy_mask: bool = CMA_DEFAULTS.cma_t2s_accuracy_mask, projector_pretraining: bool = False,
                  projector_config_path: str | None = KD_DEFAULTS.projector_config_path,
                  projector_path: str | None = KD_DEFAULTS.projector_path):
         super().__init__()

@@ -34,7 +34,8 @@ from mckd.criteria.base import Criterion, CriterionOutput, CriterionResources, M
 from mckd.criteria.common import (combine_losses, count_tokens, cross_entropy_sum, is_on_policy, label_mask,
                                   require_hidden, teacher_input_ids, teacher_labels)
 from mckd.criteria.divergences import get_divergence
-from mckd.criteria.dual_space_kd_with_cma import CMA_PROJECTORS, CMAOptions, cma_kwargs, cma_losses
+from mckd.criteria.dual_space_kd_with_cma import (CMA_DEFAULTS, CMA_PROJECTORS, CMAOptions, cma_kwargs,
+                                                  cma_losses)
 from mckd.criteria.exact_kl import exact_vocab_kl
 from mckd.criteria.mcw.ot import (aligned_student_index, alignment_cost, cost_statistics, hidden_costs,
                                   interpolation_weight, logit_costs, multi_cost_ot, topk_distributions)
@@ -45,8 +46,6 @@ from mckd.models.projectors import build_projectors, load_projector_weights, run
 from mckd.ot.costs import span_iou_cost
 
 logger = logging.getLogger(__name__)
-
-_CMA = CMAOptions()  # its defaults as values, for the constructor below
 
 LOGIT_COST_NAMES = ("l2", "kl", "salience")
 HIDDEN_COST_NAMES = ("align", "ctx_l2", "ctx_cos")
@@ -72,8 +71,8 @@ class MCWKD(Criterion):
                  teacher_temperature: float = KD_DEFAULTS.teacher_temperature,
                  tau_squared: bool = KD_DEFAULTS.kd_temperature_scaling,
                  adaptive_kl_alpha: float = KD_DEFAULTS.adaptive_kl_alpha,
-                 skew_lambda: float = KD_DEFAULTS.skew_lambda, normalization: str = _CMA.cma_normalization,
-                 t2s_accuracy_mask: bool = _CMA.cma_t2s_accuracy_mask,
+                 skew_lambda: float = KD_DEFAULTS.skew_lambda, normalization: str = CMA_DEFAULTS.cma_normalization,
+                 t2s_accuracy_mask: bool = CMA_DEFAULTS.cma_t2s_accuracy_mask,
                  projector_config_path: str | None = KD_DEFAULTS.projector_config_path,
                  projector_path: str | None = KD_DEFAULTS.projector_path,
                  tea2stu: torch.Tensor | None = None):
